@@ -1,0 +1,31 @@
+"""reflora: a golden reference for LoRA in pure NumPy/CuPy.
+
+Canonical layout (PEFT's): A (R, I), B (O, R), W (O, I); legend N rows,
+I in_features, O out_features, R rank. See ``reflora.core`` for the formulas.
+"""
+
+from ._errors import FormatError
+from .adapter import LoraAdapter
+from .backend import asarray, get_namespace
+from .config import LoraConfig
+from .core import LoraCache, LoraGrads, lora_backward, lora_forward, mse_loss
+from .init import init_lora
+from .sgd import SGD, SGDState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD",
+    "FormatError",
+    "LoraAdapter",
+    "LoraCache",
+    "LoraConfig",
+    "LoraGrads",
+    "SGDState",
+    "asarray",
+    "get_namespace",
+    "init_lora",
+    "lora_backward",
+    "lora_forward",
+    "mse_loss",
+]

@@ -18,6 +18,7 @@ import os
 import types
 
 import array_api_compat
+import array_api_compat.numpy
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings

@@ -23,7 +23,7 @@ def max_errors(actual, expected):
     if a.size == 0:
         return 0.0, 0.0, ()
     diff = np.abs(a - e)
-    idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
     scale = float(np.max(np.abs(e)))
     return float(diff[idx]), float(diff[idx]) / scale if scale > 0 else float(diff[idx]), idx
 

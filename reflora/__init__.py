@@ -10,6 +10,7 @@ from .backend import asarray, get_namespace
 from .config import LoraConfig
 from .core import LoraCache, LoraGrads, lora_backward, lora_forward, mse_loss
 from .init import init_lora
+from .safetensors_io import load_tensors, save_tensors
 from .sgd import SGD, SGDState
 
 __version__ = "0.1.0"
@@ -25,7 +26,9 @@ __all__ = [
     "asarray",
     "get_namespace",
     "init_lora",
+    "load_tensors",
     "lora_backward",
     "lora_forward",
     "mse_loss",
+    "save_tensors",
 ]

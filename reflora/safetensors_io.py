@@ -1,0 +1,433 @@
+"""Safetensors tensors I/O: a strict validating reader and an atomic writer.
+
+File layout (https://github.com/huggingface/safetensors):
+
+    u64 little-endian N | N bytes of UTF-8 JSON header | data buffer
+
+The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin,
+end)} (offsets relative to the data buffer, row-major, little-endian, no
+strides), plus an optional "__metadata__" object of string to string.
+
+Reading (``load_tensors``) validates the whole header *before* any tensor is
+materialised and reads the file's bytes once, so what was validated is what is
+returned (no second parse by another library, no time-of-check/time-of-use gap).
+Every malformed file raises ``reflora.FormatError`` naming the file and the
+offending key; no other exception type escapes for a malformed file.
+
+Writing (``save_tensors``) goes through ``safetensors.serialize_file`` (the
+reference writer: byte-identical output), with two guards the package lacks:
+
+  * every array is made C-contiguous and little-endian first. safetensors 0.8's
+    NumPy writer passes ``arr.ctypes.data`` and ``arr.nbytes`` to Rust, so a
+    transposed, sliced, reversed or broadcast array is written from its raw
+    buffer: wrong bytes, no error.
+  * the file is written to a temporary file in the same folder, fsynced and
+    ``os.replace``d over the target: a failure mid-write leaves an existing
+    file untouched and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import struct
+import sys
+from typing import Any, Mapping
+
+import array_api_compat
+import ml_dtypes
+import numpy as np
+import safetensors
+
+from ._errors import FormatError
+from .backend import _normalize_xp, asarray, dtype_name, to_numpy
+
+__all__ = ["MAX_HEADER_BYTES", "MAX_DIMS", "SAFETENSORS_DTYPES", "load_tensors", "read_header", "save_tensors"]
+
+#: The format's cap on the JSON header length N (bytes), as the reference reader enforces.
+MAX_HEADER_BYTES = 100_000_000
+#: reflora's limit on the number of dimensions of one tensor (the reference reader has none).
+MAX_DIMS = 64
+_U64_MAX = 2**64 - 1
+
+#: Header dtype name -> NumPy dtype (little-endian), for every byte-sized safetensors dtype.
+#: Sub-byte types (F4, F6_*) are valid safetensors but not readable by reflora (FormatError).
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "U8": np.dtype("u1"),
+    "I8": np.dtype("i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "C64": np.dtype("<c8"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+}
+_SUB_BYTE = ("F4", "F6_E2M3", "F6_E3M2")
+# The dtype strings safetensors.TensorSpec takes are NumPy's dtype names ("float32", "bfloat16").
+_SPEC_NAMES = frozenset(dt.name for dt in SAFETENSORS_DTYPES.values())
+_FLOAT_NAMES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _is_uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _validate_header(header_bytes: bytes, data_len: int, where: str) -> tuple[list, dict[str, str]]:
+    """Check a header against the data length; return [(name, dtype, shape, begin, end)], metadata.
+
+    Entries come back in file (offset) order. Raises FormatError for anything
+    the format forbids, plus duplicates, unknown entry fields and > MAX_DIMS dims.
+    """
+    try:
+        text = header_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{where}: header is not valid UTF-8 ({exc.reason} at byte {8 + exc.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise FormatError(f"{where}: header has the key {exc.args[0]!r} twice; expected unique names "
+                          "(the safetensors package silently keeps the last one)") from None
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"{where}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{where}: header is a JSON {type(header).__name__}; expected an object")
+
+    metadata: dict[str, str] = {}
+    if "__metadata__" in header:
+        meta = header.pop("__metadata__")
+        if not isinstance(meta, dict):
+            raise FormatError(f"{where}: __metadata__ is a JSON {type(meta).__name__}; expected an object of strings")
+        for k, v in meta.items():
+            if not isinstance(v, str):
+                raise FormatError(f"{where}: __metadata__[{k!r}] is {type(v).__name__} {v!r}; expected a string")
+        metadata = meta
+
+    entries = []
+    for name, info in header.items():
+        key = f"{where}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise FormatError(f"{key}: entry is a JSON {type(info).__name__}; expected an object")
+        fields = set(info)
+        if fields != {"dtype", "shape", "data_offsets"}:
+            raise FormatError(f"{key}: entry has fields {sorted(fields)}; expected ['data_offsets', 'dtype', 'shape']")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str):
+            raise FormatError(f"{key}: dtype is {dtype!r}; expected a string such as 'F32'")
+        if dtype not in SAFETENSORS_DTYPES:
+            if dtype in _SUB_BYTE:
+                raise FormatError(f"{key}: dtype {dtype} is a sub-byte type reflora does not read")
+            raise FormatError(f"{key}: unknown dtype {dtype!r}; expected one of {sorted(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise FormatError(f"{key}: shape is {shape!r}; expected a list of non-negative integers")
+        if len(shape) > MAX_DIMS:
+            raise FormatError(f"{key}: shape has {len(shape)} dims; expected at most {MAX_DIMS}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+            raise FormatError(f"{key}: data_offsets is {offsets!r}; expected [begin, end], non-negative integers")
+        begin, end = offsets
+        if begin > end:
+            raise FormatError(f"{key}: data_offsets [{begin}, {end}] are reversed; expected begin <= end")
+        numel = math.prod(shape)
+        nbytes = numel * SAFETENSORS_DTYPES[dtype].itemsize
+        if nbytes > _U64_MAX:
+            raise FormatError(f"{key}: shape {shape} of {dtype} overflows 64 bits ({numel} elements)")
+        if end - begin != nbytes:
+            raise FormatError(f"{key}: data_offsets [{begin}, {end}] hold {end - begin} bytes; expected "
+                              f"{nbytes} for shape {shape} of {dtype}")
+        entries.append((name, dtype, tuple(shape), begin, end))
+
+    # Offsets must tile [0, data_len) exactly: no gap, no overlap (zero-size tensors sit anywhere in order).
+    entries.sort(key=lambda e: (e[3], e[4]))
+    position = 0
+    for name, _, _, begin, end in entries:
+        if begin != position:
+            what = "a gap" if begin > position else "an overlap"
+            raise FormatError(f"{where}: tensor {name!r} starts at data offset {begin}; expected {position} "
+                              f"({what} in the data buffer)")
+        position = end
+    if position != data_len:
+        raise FormatError(f"{where}: tensors cover {position} bytes of data; the file holds {data_len} "
+                          f"(file length is not 8 + header + data)")
+    return entries, metadata
+
+
+def _read_exact(f, n: int, where: str, what: str) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got:])
+        if not k:
+            raise FormatError(f"{where}: file ended inside the {what} ({got} of {n} bytes; it changed while read?)")
+        got += k
+    return buf
+
+
+def _read_validated(path: Any) -> tuple[list, dict[str, str], np.ndarray]:
+    """Open, validate and read a file: (entries, metadata, data buffer as uint8)."""
+    where = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise FormatError(f"{where}: file has {size} bytes; expected at least 8 (the header length)")
+        (n,) = struct.unpack("<Q", _read_exact(f, 8, where, "header length"))
+        if n > MAX_HEADER_BYTES:
+            raise FormatError(f"{where}: header length is {n} bytes; expected at most {MAX_HEADER_BYTES}")
+        if 8 + n > size:
+            raise FormatError(f"{where}: header length is {n} bytes but the file has only {size - 8} after the prefix")
+        entries, metadata = _validate_header(bytes(_read_exact(f, n, where, "header")), size - 8 - n, where)
+        data = np.empty(size - 8 - n, dtype=np.uint8)
+        got = f.readinto(memoryview(data)) if data.size else 0
+        while got < data.size:
+            k = f.readinto(memoryview(data)[got:])
+            if not k:
+                raise FormatError(f"{where}: file ended inside the data ({got} of {data.size} bytes; it changed while read?)")
+            got += k
+        if f.read(1):
+            raise FormatError(f"{where}: file grew while it was read; expected {size} bytes")
+    return entries, metadata, data
+
+
+def read_header(path: Any) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """Validate a file and return its table of contents without materialising tensors.
+
+    Args:
+      path: a safetensors file.
+
+    Returns:
+      ({name: (dtype, shape)} in offset order, metadata); dtypes are header
+      names such as "F32", "BF16".
+
+    Raises:
+      reflora.FormatError: the file is malformed (see ``load_tensors``).
+    """
+    entries, metadata, _ = _read_validated(path)
+    return {name: (dtype, shape) for name, dtype, shape, _, _ in entries}, metadata
+
+
+def load_tensors(path: Any, *, xp: Any = None, dtype: Any = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read a safetensors file strictly: validate everything, then materialise.
+
+    Checks, before any tensor exists: the 8-byte header length against the file
+    size and the 100,000,000-byte cap; UTF-8 JSON object; no duplicate names;
+    known dtypes; shapes lists of non-negative ints with at most 64 dims and no
+    64-bit overflow; offsets tiling the data buffer from 0 without gaps or
+    overlaps; the file length exact; ``__metadata__`` string to string. Leading
+    and trailing whitespace in the header, a header length not a multiple of 8,
+    entries out of offset order, 0-d and empty tensors are all valid. Memory
+    allocated is bounded by the file size.
+
+    F16, BF16 (``ml_dtypes.bfloat16``), F32 and F64 load losslessly; so do the
+    integer, BOOL, C64 and F8 dtypes.
+
+    Args:
+      path: a safetensors file.
+      xp: namespace of the returned arrays (module or "numpy"/"cupy"/"auto");
+        None = the default backend (``$REFLORA_BACKEND``). CuPy arrays are
+        copied to the device from the host read.
+      dtype: if given (e.g. "float64" for oracle use), every floating-point
+        tensor is converted to it; integer and bool tensors keep their dtype.
+
+    Returns:
+      (tensors, metadata): {name: array} in the file's offset order, and the
+      ``__metadata__`` dict ({} when absent).
+
+    Raises:
+      reflora.FormatError: the file is malformed; the message names the file and key.
+      OSError: the file cannot be opened or read.
+      TypeError: the target namespace has no such dtype (e.g. BF16 on CuPy
+        without ``dtype=``).
+
+    Example:
+      >>> import numpy as np, tempfile, os
+      >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+      >>> save_tensors(p, {"a": np.arange(6.0).reshape(2, 3).T})
+      >>> load_tensors(p, xp="numpy")[0]["a"].tolist()
+      [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
+    """
+    target = None if xp is None else _normalize_xp(xp)
+    entries, metadata, data = _read_validated(path)
+    upcast = None if dtype is None else np.dtype(dtype_name(dtype))
+    if upcast is not None and upcast.kind != "f":
+        raise TypeError(f"dtype is {dtype!r}; expected a floating dtype such as 'float64'")
+    out = {}
+    for name, hdt, shape, begin, end in entries:
+        npdt = SAFETENSORS_DTYPES[hdt]
+        if begin % npdt.alignment == 0:
+            arr = data[begin:end].view(npdt).reshape(shape)  # a view into the one buffer read
+        else:  # unaligned in the file: copy so the array is aligned
+            arr = np.frombuffer(data[begin:end].tobytes(), dtype=npdt).reshape(shape)
+        if upcast is not None and hdt in _FLOAT_NAMES:
+            arr = arr.astype(upcast)
+        out[name] = arr
+    if target is None:
+        target = _normalize_xp(None)
+    if not array_api_compat.is_numpy_namespace(target):
+        try:
+            out = {k: asarray(v, xp=target) for k, v in out.items()}
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{os.fspath(path)}: cannot move tensors to {target.__name__} ({exc}); "
+                            "pass dtype='float32' or 'float64' for BF16/F8 files") from None
+    return out, metadata
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _host_contiguous(name: str, x: Any) -> np.ndarray:
+    """A C-contiguous little-endian host copy (or the array itself when already so)."""
+    if isinstance(x, (bool, int, float, complex, list, tuple)) or x is None:
+        raise TypeError(f"tensor {name!r} is a {type(x).__name__}; expected an array")
+    host = to_numpy(x)  # CuPy -> .get(); array_api_strict / torch via DLPack
+    if not isinstance(host, np.ndarray):
+        host = np.asarray(host)
+    dt = host.dtype
+    if dt.byteorder == ">" or (dt.byteorder == "=" and sys.byteorder == "big"):
+        host = host.astype(dt.newbyteorder("<"))
+    if dt.name not in _SPEC_NAMES:
+        raise TypeError(f"tensor {name!r} has dtype {dt}; expected one of "
+                        f"{sorted(_SPEC_NAMES)} (safetensors has no {dt})")
+    # The guard safetensors 0.8 lacks: its writer reads ctypes.data for nbytes bytes.
+    # (Not np.ascontiguousarray: it turns a 0-d array into shape (1,).)
+    return host if host.flags.c_contiguous else host.copy(order="C")
+
+
+def _atomic_write(path: Any, write_to: Any, *, overwrite: bool) -> None:
+    """Call write_to(tmp_path), fsync it, then move it over ``path`` atomically.
+
+    On any failure the temporary file is removed and ``path`` is untouched.
+    """
+    final = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(final)
+    if not overwrite and os.path.lexists(final):
+        raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
+    tmp = os.path.join(folder, f".{os.path.basename(final)}.{secrets.token_hex(6)}.tmp")
+    # O_EXCL: never clobber; mode 0o666 & ~umask, like a plain open(..., "w").
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    os.close(fd)
+    try:
+        mode = os.stat(tmp).st_mode & 0o777
+        write_to(tmp)
+        os.chmod(tmp, mode)  # the writer may recreate the file with 0o600
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, final)
+        else:
+            try:
+                os.link(tmp, final)  # atomic "create if absent"
+            except FileExistsError:
+                raise FileExistsError(f"{final} exists; pass overwrite=True to replace it") from None
+            os.unlink(tmp)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def save_tensors(path: Any, tensors: Mapping[str, Any], *, metadata: Mapping[str, str] | None = None,
+                 overwrite: bool = True) -> None:
+    """Write arrays to a safetensors file, exactly and atomically.
+
+    Every array is first made host-resident (CuPy via ``.get()``), C-contiguous
+    and little-endian, so views (transposes, slices, reversed or broadcast
+    arrays) are written as their values, never as their raw buffers. Bytes are
+    those of the reference writer (``safetensors.serialize_file``): tensors
+    ordered by dtype size then name, header padded to a multiple of 8.
+
+    Args:
+      path: destination file.
+      tensors: {name: array}; NumPy, CuPy or any DLPack array; dtypes F16, BF16
+        (``ml_dtypes.bfloat16``), F32, F64, integers, bool, C64, F8.
+      metadata: optional {str: str}, stored as ``__metadata__``.
+      overwrite: False refuses to replace an existing file (FileExistsError).
+
+    Raises:
+      TypeError: a name or metadata entry is not a string, or a dtype safetensors lacks.
+      ValueError: a tensor named "__metadata__".
+      FileExistsError: ``overwrite=False`` and ``path`` exists.
+      OSError: the write failed; an existing ``path`` is then left byte-identical.
+
+    Example:
+      >>> import numpy as np, tempfile, os
+      >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+      >>> save_tensors(p, {"w": np.ones((2, 2), dtype=np.float32)}, metadata={"format": "pt"})
+      >>> load_tensors(p, xp="numpy")[1]
+      {'format': 'pt'}
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors is a {type(tensors).__name__}; expected a mapping of name -> array")
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata is a {type(metadata).__name__}; expected a mapping of str -> str")
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"metadata entry {k!r}: {v!r} ({type(v).__name__}); expected str -> str")
+        metadata = dict(metadata)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite is {overwrite!r}; expected True or False")
+    host: dict[str, np.ndarray] = {}
+    for name, x in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor name {name!r} is a {type(name).__name__}; expected a str")
+        if name == "__metadata__":
+            raise ValueError("a tensor may not be named '__metadata__' (reserved by the format)")
+        host[name] = _host_contiguous(name, x)
+    specs = {
+        name: safetensors.TensorSpec(dtype=a.dtype.name, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
+        for name, a in host.items()
+    }
+
+    def write(tmp: str) -> None:
+        safetensors.serialize_file(specs, tmp, metadata=metadata)
+        # keep the host arrays alive until Rust has copied from their pointers
+        _ = host
+
+    _atomic_write(path, write, overwrite=overwrite)

@@ -34,9 +34,12 @@ scale = 0); they are never checked for and never raise.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from .backend import array_namespace
 
@@ -76,7 +79,29 @@ def _shape(a: Any) -> tuple:
     return tuple(a.shape)
 
 
+@functools.lru_cache(maxsize=64)
+def _is_real_floating(xp: Any, dtype: Any) -> bool:
+    return bool(xp.isdtype(dtype, "real floating"))
+
+
+def _np_mT(a):
+    return a.mT
+
+
+def _ops(xp: Any):
+    """(matmul, matrix_transpose) for a namespace; every call site passes 2-D arrays.
+
+    Note: for NumPy, ``np.dot`` and the standard's ``.mT`` attribute compute
+    the same BLAS products as ``matmul``/``matrix_transpose`` on 2-D arrays
+    with about half the per-call overhead, which dominates tiny problems.
+    Other namespaces (CuPy, array_api_strict) use the standard functions.
+    """
+    return (np.dot, _np_mT) if xp is np else (xp.matmul, xp.matrix_transpose)
+
+
 def _check_scale(scale: Any) -> float:
+    if type(scale) is float:
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         # Also accept 0-d arrays (numpy scalars are numbers.Real already).
         if getattr(scale, "shape", None) == ():
@@ -92,16 +117,22 @@ def _check_inputs(x, A, B, W, bias, mask):
     """
     names = ("x", "A", "B", "W", "bias", "dropout_mask")
     arrays = (x, A, B, W, bias, mask)
-    for name, a in zip(names, arrays):
-        if a is not None and not hasattr(a, "shape"):
-            raise TypeError(f"{name} is {type(a).__name__}; expected an array (convert with reflora.asarray)")
-    xp = array_namespace(*arrays, names=names)
+    nd = np.ndarray
+    if (type(x) is nd and type(A) is nd and type(B) is nd and (W is None or type(W) is nd)
+            and (bias is None or type(bias) is nd) and (mask is None or type(mask) is nd)):
+        xp = np  # the common case, checked without the generic machinery
+    else:
+        for name, a in zip(names, arrays):
+            if a is not None and not hasattr(a, "shape"):
+                raise TypeError(f"{name} is {type(a).__name__}; expected an array (convert with reflora.asarray)")
+        xp = array_namespace(*arrays, names=names)
     dt = x.dtype
-    if not xp.isdtype(dt, "real floating"):
+    if not _is_real_floating(xp, dt):
         raise TypeError(f"x has dtype {dt}; expected a real floating dtype (float16, float32 or float64)")
-    for name, a in zip(names[1:], arrays[1:]):
-        if a is not None and a.dtype != dt:
-            raise TypeError(f"{name} has dtype {a.dtype}; expected {dt}, the dtype of x (reflora does not promote silently)")
+    if A.dtype != dt or B.dtype != dt or (W is not None and W.dtype != dt) or (
+            bias is not None and bias.dtype != dt) or (mask is not None and mask.dtype != dt):
+        name, a = next((n, a) for n, a in zip(names[1:], arrays[1:]) if a is not None and a.dtype != dt)
+        raise TypeError(f"{name} has dtype {a.dtype}; expected {dt}, the dtype of x (reflora does not promote silently)")
     if x.ndim < 1:
         raise ValueError(f"x has shape {_shape(x)}; expected (..., I) with at least one dimension")
     I = x.shape[-1]
@@ -154,21 +185,22 @@ def lora_forward(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
     """
     s = _check_scale(scale)
     xp, N, I, O, R = _check_inputs(x, A, B, W, bias, dropout_mask)
-    mT = xp.matrix_transpose
-    x_NI = xp.reshape(x, (N, I))
-    mask_NI = None if dropout_mask is None else xp.reshape(dropout_mask, (N, I))
+    mm, mT = _ops(xp)
+    flat = x.ndim == 2
+    x_NI = x if flat else xp.reshape(x, (N, I))
+    mask_NI = dropout_mask if dropout_mask is None or flat else xp.reshape(dropout_mask, (N, I))
     # dropout on the LoRA branch only: xm = x * m
     xm_NI = x_NI if mask_NI is None else x_NI * mask_NI
     # down-projection, scaled while it is small: hs = s (xm A^T), N x R
-    hs_NR = s * xp.matmul(xm_NI, mT(A))
+    hs_NR = s * mm(xm_NI, mT(A))
     # up-projection: the LoRA branch hs B^T, N x O
-    y_NO = xp.matmul(hs_NR, mT(B))
+    y_NO = mm(hs_NR, mT(B))
     if W is not None:
         # base path: y += x W^T (y is ours, freshly allocated)
-        y_NO += xp.matmul(x_NI, mT(W))
+        y_NO += mm(x_NI, mT(W))
     if bias is not None:
         y_NO += bias
-    y = xp.reshape(y_NO, tuple(x.shape[:-1]) + (O,))
+    y = y_NO if flat else xp.reshape(y_NO, tuple(x.shape[:-1]) + (O,))
     return y, LoraCache(x_NI, mask_NI, A, B, W, hs_NR, s, _shape(x))
 
 
@@ -204,9 +236,12 @@ def lora_backward(dy, cache):
     if not isinstance(cache, LoraCache):
         raise TypeError(f"cache is {type(cache).__name__}; expected the LoraCache returned by lora_forward")
     x_NI, mask_NI, A, B, W, hs_NR, s, x_shape = cache
-    if not hasattr(dy, "shape"):
+    if type(dy) is np.ndarray and type(x_NI) is np.ndarray:
+        xp = np
+    elif not hasattr(dy, "shape"):
         raise TypeError(f"dy is {type(dy).__name__}; expected an array")
-    xp = array_namespace(dy, x_NI, names=("dy", "x"))
+    else:
+        xp = array_namespace(dy, x_NI, names=("dy", "x"))
     if dy.dtype != x_NI.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}; expected {x_NI.dtype}, the dtype of x")
     N, I = x_NI.shape
@@ -214,23 +249,24 @@ def lora_backward(dy, cache):
     expected = tuple(x_shape[:-1]) + (O,)
     if _shape(dy) != expected:
         raise ValueError(f"dy has shape {_shape(dy)}; expected (..., O) = {expected}, the shape of y")
-    mT = xp.matrix_transpose
-    dy_NO = xp.reshape(dy, (N, O))
+    mm, mT = _ops(xp)
+    flat = len(x_shape) == 2
+    dy_NO = dy if flat else xp.reshape(dy, (N, O))
     # dB = s dy^T h = dy^T hs, summed over the N rows by the matmul
-    dB = xp.matmul(mT(dy_NO), hs_NR)
+    dB = mm(mT(dy_NO), hs_NR)
     # dh = s dy B: gradient at the rank-R bottleneck
-    dh_NR = s * xp.matmul(dy_NO, B)
+    dh_NR = s * mm(dy_NO, B)
     # dA = dh^T xm, recomputing xm = x * m (cheaper than caching N x I)
     xm_NI = x_NI if mask_NI is None else x_NI * mask_NI
-    dA = xp.matmul(mT(dh_NR), xm_NI)
+    dA = mm(mT(dh_NR), xm_NI)
     # dx through the LoRA branch: (dh A) * m
-    dx_NI = xp.matmul(dh_NR, A)
+    dx_NI = mm(dh_NR, A)
     if mask_NI is not None:
         dx_NI = dx_NI * mask_NI
     if W is not None:
         # dx through the base path: dy W
-        dx_NI += xp.matmul(dy_NO, W)
-    return LoraGrads(xp.reshape(dx_NI, x_shape), dA, dB)
+        dx_NI += mm(dy_NO, W)
+    return LoraGrads(dx_NI if flat else xp.reshape(dx_NI, x_shape), dA, dB)
 
 
 def mse_loss(y, target):

@@ -308,9 +308,9 @@ def load_tensors(path: Any, *, xp: Any = None, dtype: Any = None) -> tuple[dict[
 
 def _host_contiguous(name: str, x: Any) -> np.ndarray:
     """A C-contiguous little-endian host copy (or the array itself when already so)."""
-    if isinstance(x, (bool, int, float, complex, list, tuple)) or x is None:
+    if x is None or (isinstance(x, (bool, int, float, complex, list, tuple)) and not isinstance(x, np.generic)):
         raise TypeError(f"tensor {name!r} is a {type(x).__name__}; expected an array")
-    host = to_numpy(x)  # CuPy -> .get(); array_api_strict / torch via DLPack
+    host = np.asarray(x) if isinstance(x, np.generic) else to_numpy(x)  # CuPy -> .get(); others via DLPack
     if not isinstance(host, np.ndarray):
         host = np.asarray(host)
     dt = host.dtype

@@ -12,6 +12,9 @@ from .core import LoraCache, LoraGrads, lora_backward, lora_forward, mse_loss
 from .init import init_lora
 from .safetensors_io import load_tensors, save_tensors
 from .sgd import SGD, SGDState
+from .dropout import dropout_mask
+from .lora_bias import LoraBiasCache, LoraBiasGrads, lora_bias_backward, lora_bias_forward
+from .merge import Merged, merge, unmerge
 
 __version__ = "0.1.0"
 
@@ -30,5 +33,14 @@ __all__ = [
     "lora_backward",
     "lora_forward",
     "mse_loss",
+    # beyond the basics (issue 5)
+    "LoraBiasCache",
+    "LoraBiasGrads",
+    "Merged",
+    "dropout_mask",
+    "lora_bias_backward",
+    "lora_bias_forward",
+    "merge",
+    "unmerge",
     "save_tensors",
 ]

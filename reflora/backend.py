@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 BACKEND_ENV = "REFLORA_BACKEND"
+_NAMESPACE_BY_TYPE: dict[type, ModuleType] = {}
 _CHOICES = ("auto", "numpy", "cupy")
 log = logging.getLogger("reflora")
 
@@ -118,10 +119,16 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> Modul
         ``reflora.asarray(x, xp=...)`` to move it explicitly.
     """
     present = [a for a in arrays if a is not None]
-    if all(type(a) is np.ndarray for a in present):
-        # Note: NumPy >= 2 implements the standard in its main namespace; taking it
-        # directly for plain ndarrays skips the compat wrapper (~8 us a call).
-        return np
+    kind = type(present[0]) if present else None
+    if kind is not None and all(type(a) is kind for a in present):
+        if kind is np.ndarray:
+            # Note: NumPy >= 2 implements the standard in its main namespace; taking it
+            # directly for plain ndarrays skips the compat wrapper (~8 us a call).
+            return np
+        ns = _NAMESPACE_BY_TYPE.get(kind)
+        if ns is None:
+            ns = _NAMESPACE_BY_TYPE[kind] = array_api_compat.array_namespace(present[0])
+        return ns
     try:
         return array_api_compat.array_namespace(*present)
     except TypeError as exc:
@@ -185,7 +192,9 @@ def asarray(x: Any, *, xp: Any = None, dtype: Any = None) -> Any:
       dtype: optional target dtype ("float64", ...).
 
     Returns:
-      An array of ``xp``.
+      An array of ``xp``. Like the standard's ``asarray(copy=None)`` it may share
+      memory with ``x`` (DLPack) when no conversion is needed; copy it if ``x``
+      will change afterwards.
 
     Example:
       >>> import reflora, numpy as np
@@ -197,12 +206,21 @@ def asarray(x: Any, *, xp: Any = None, dtype: Any = None) -> Any:
     if array_api_compat.is_array_api_obj(x) and not isinstance(x, (list, tuple)):
         try:
             if array_api_compat.array_namespace(x) is target:
-                return target.asarray(x, dtype=dt, copy=None) if dt is not None else x
+                return x if dt is None or x.dtype == dt else target.astype(x, dt)
         except TypeError:
             pass
+    if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray) or (
+            isinstance(x, np.ndarray) and not array_api_compat.is_numpy_namespace(target)):
+        # Zero-copy where the device allows it (torch CUDA -> CuPy, torch CPU -> NumPy).
+        try:
+            y = target.from_dlpack(x)
+        except Exception:  # another device, a tensor that requires grad, no support
+            y = None
+        if y is not None:
+            return y if dt is None or y.dtype == dt else target.astype(y, dt)
     host = to_numpy(x)
     if dt is not None:
-        host = host.astype(to_numpy(target.empty(0, dtype=dt)).dtype, copy=False)
+        host = host.astype(dtype_name(dt), copy=False)
     return target.asarray(host)
 
 

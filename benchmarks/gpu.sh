@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU suite and GPU benchmark, from a plain checkout on a CUDA machine with no network.
+#
+#   bash benchmarks/gpu.sh            # tests with REFLORA_BACKEND=cupy, then bench_gpu.py
+#
+# Needs: python3 with numpy, cupy (cupy-cuda12x or -cuda13x), safetensors, ml_dtypes,
+# pytest, hypothesis, torch (CUDA) and peft. Pure-Python wheels that the machine
+# lacks (array-api-compat, array-api-strict) are installed from ./.whl if present.
+# The project itself is used through PYTHONPATH (no install, no network).
+# tests/test_docs.py is left out: it needs the docs extra (mkdocs), which CI runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-${TMPDIR:-/tmp}}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/reflora-site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/reflora-site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export REFLORA_BACKEND=cupy HYPOTHESIS_PROFILE=ci PYTHONUNBUFFERED=1
+unset CUPY_TF32
+python3 -c "import cupy, reflora; assert cupy.is_available(); print('cupy', cupy.__version__)" || exit 1
+python3 -m reflora.cli info
+python3 -m pytest -q -p no:cacheprovider --ignore=tests/test_docs.py -rs tests 2>&1 | tee "$out/gpu_tests.log"
+rc=${PIPESTATUS[0]}
+python3 benchmarks/bench_gpu.py --markdown "$out/gpu_bench.md" 2>&1 | tee "$out/gpu_bench.log"
+exit $(( rc || PIPESTATUS[0] ))

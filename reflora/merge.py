@@ -26,7 +26,10 @@ makes the second rounding correct (Boldo & Melquiond 2008).
 
 Why it matters. PEFT's ``merge`` computes delta = s B A in the adapter's dtype
 (on CPU in float32 for bf16 adapters), rounds delta to bf16, then adds it to W
-in bf16: two roundings, so up to about 1 ulp off where reflora is within 0.5.
+in bf16: two roundings. Where W and the update nearly cancel, the first
+rounding (relative to |delta|) is many ulps of the result: on a 24 x 32 bf16
+layer in tests/test_merge.py, 165 of 768 elements of PEFT's merge differ from
+the correctly rounded one, by up to 8 bfloat16 steps.
 This is one of the sources of the merged-vs-unmerged output gaps PEFT users
 report in bf16 (PEFT issues 1035, 1388, 1904, 2502); the other, unavoidable
 one is that the unmerged path never rounds W + s B A at all.
@@ -106,7 +109,8 @@ def round_to_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
     if dt != _BF16:
         return x.astype(dt)
     # round to float32 by nearest, then turn it into round-to-odd:
-    f = x.astype(np.float32)
+    with np.errstate(over="ignore"):
+        f = x.astype(np.float32)
     back = f.astype(np.float64)
     with np.errstate(invalid="ignore"):
         inexact = (back != x) & ~np.isnan(x)
@@ -133,7 +137,7 @@ def _round_fraction(q: Fraction, dt: np.dtype) -> Any:
         limit = m + (m - Fraction(float(np.nextafter(big, np.zeros(1, dt))[0]))) / 2
         return c[0] if abs(q) >= limit else (big[0] if q > 0 else -big[0])
     # the answer is c or one of its neighbours (c is within one ulp of it)
-    cands = [c, np.nextafter(c, -np.abs(big) * 2), np.nextafter(c, np.abs(big) * 2)]
+    cands = [c, np.nextafter(c, np.full_like(c, -np.inf)), np.nextafter(c, np.full_like(c, np.inf))]
     cands = [v for v in cands if np.isfinite(v[0])]
     uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dt.itemsize]
 

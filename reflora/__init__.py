@@ -15,6 +15,7 @@ from .sgd import SGD, SGDState
 from .dropout import dropout_mask
 from .lora_bias import LoraBiasCache, LoraBiasGrads, lora_bias_backward, lora_bias_forward
 from .merge import Merged, merge, unmerge
+from .dora import DoraCache, DoraGrads, DoraMerged, dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
 
 __version__ = "0.1.0"
 
@@ -36,7 +37,15 @@ __all__ = [
     # beyond the basics (issue 5)
     "LoraBiasCache",
     "LoraBiasGrads",
+    "DoraCache",
+    "DoraGrads",
+    "DoraMerged",
     "Merged",
+    "dora_backward",
+    "dora_forward",
+    "dora_merge",
+    "dora_unmerge",
+    "dora_weight_norm",
     "dropout_mask",
     "lora_bias_backward",
     "lora_bias_forward",

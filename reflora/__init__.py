@@ -6,6 +6,7 @@ I in_features, O out_features, R rank. See ``reflora.core`` for the formulas.
 
 from ._errors import FormatError
 from .adapter import LoraAdapter
+from .adapter_io import load_adapter, load_peft, save_adapter, save_peft
 from .backend import asarray, get_namespace
 from .config import LoraConfig
 from .core import LoraCache, LoraGrads, lora_backward, lora_forward, mse_loss
@@ -30,10 +31,14 @@ __all__ = [
     "asarray",
     "get_namespace",
     "init_lora",
+    "load_adapter",
+    "load_peft",
     "load_tensors",
     "lora_backward",
     "lora_forward",
     "mse_loss",
+    "save_adapter",
+    "save_peft",
     # beyond the basics (issue 5)
     "LoraBiasCache",
     "LoraBiasGrads",

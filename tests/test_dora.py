@@ -22,6 +22,7 @@ from helpers import assert_close
 
 DORA_PEER = 1e-10   # issue 5: relative error against PEFT's DoRA in float64
 DORA_FD = 1e-7      # float64 fourth-order central differences, step 1e-5 (DoRA is not affine in A or B)
+DORA_FD_ABS = 1e-8  # its rounding noise, about 1e-16 |L| / h, where a gradient is (near) zero
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -82,7 +83,7 @@ def test_exact_mode_matches_finite_differences(xp, p):
         return float(np.sum(y * p["G"]))
 
     for name, got in (("x", g.dx), ("A", g.dA), ("B", g.dB), ("m", g.dm)):
-        assert_close(got, fd(loss, p, name), name=f"d{name} (exact)", rel=DORA_FD, atol=1e-9)
+        assert_close(got, fd(loss, p, name), name=f"d{name} (exact)", rel=DORA_FD, atol=DORA_FD_ABS)
 
 
 @fixture_ok
@@ -95,7 +96,7 @@ def test_detached_mode_is_the_gradient_with_the_norm_frozen(xp, p):
         return float(np.sum(frozen_norm_forward(p, n, **o) * p["G"]))
 
     for name, got in (("x", g.dx), ("A", g.dA), ("B", g.dB), ("m", g.dm)):
-        assert_close(got, fd(loss, p, name), name=f"d{name} (detached)", rel=DORA_FD, atol=1e-9)
+        assert_close(got, fd(loss, p, name), name=f"d{name} (detached)", rel=DORA_FD, atol=DORA_FD_ABS)
 
 
 def test_the_two_modes_differ_in_dA_dB_only():

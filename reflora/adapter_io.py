@@ -312,7 +312,7 @@ def _build(module_label: str, A_RI: np.ndarray, B_OR: np.ndarray, *, alpha: floa
            init: str, xp: Any, where: str) -> LoraAdapter:
     if A_RI.dtype != B_OR.dtype:
         raise FormatError(f"{where}: {module_label}: A is {A_RI.dtype} and B {B_OR.dtype}; expected one dtype")
-    if A_RI.dtype.kind != "f":
+    if A_RI.dtype.kind != "f" and A_RI.dtype.name not in ("bfloat16",):  # ml_dtypes' bfloat16 has kind "V"
         raise FormatError(f"{where}: {module_label}: dtype {A_RI.dtype}; expected a floating dtype")
     A = asarray(np.ascontiguousarray(A_RI), xp=xp)
     B = asarray(np.ascontiguousarray(B_OR), xp=xp)

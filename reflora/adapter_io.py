@@ -466,7 +466,8 @@ def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     return None
 
 
-def _read_peft_config(directory: str) -> dict[str, Any]:
+def _read_peft_config(directory: str, *, allow: tuple[str, ...] = ()) -> dict[str, Any]:
+    """adapter_config.json, checked; fields in ``allow`` are not refused (``reflora merge`` handles DoRA, lora_bias)."""
     path = os.path.join(directory, PEFT_CONFIG_NAME)
     try:
         with open(path, encoding="utf-8") as f:
@@ -481,7 +482,7 @@ def _read_peft_config(directory: str) -> dict[str, Any]:
     if ptype != "LORA":
         raise FormatError(f"{path}: peft_type is {ptype!r}; expected 'LORA'")
     for field, bad, why in _UNSUPPORTED_CONFIG:
-        if bad(cfg.get(field)):
+        if field not in allow and bad(cfg.get(field)):
             raise FormatError(f"{path}: {field} = {cfg.get(field)!r}: {why}; refusing rather than mis-reading")
     for field in ("r", "lora_alpha"):
         v = cfg.get(field)

@@ -31,7 +31,12 @@ class LoraAdapter:
       bias: optional frozen base bias (O,).
 
     Attributes:
-      A (R, I), B (O, R), W, bias, config, merged (bool).
+      A: (R, I) down-projection.
+      B: (O, R) up-projection.
+      W: the frozen base weight (O, I), or None.
+      bias: the frozen base bias (O,), or None.
+      config: the ``LoraConfig``.
+      merged: True while the update sits in W (after ``merge()``).
 
     Example:
       >>> ad = LoraAdapter(LoraConfig(rank=2, in_features=4, out_features=3), xp="numpy")

@@ -15,6 +15,8 @@ import sys
 
 SUBCOMMAND_MODULES = (
     "reflora.demo",
+    "reflora.cli_io",
+    "reflora.cli_merge",
 )
 
 

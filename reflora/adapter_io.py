@@ -667,3 +667,28 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
             f.write(text)
 
     _atomic_write(cfg_path, write, overwrite=overwrite)
+
+
+def layouts_roundtrip_error(adapter: LoraAdapter, x: Any) -> float:
+    """Save ``adapter`` in both layouts, reload both, return max |y_peft - y_seed| + max |y_peft - y|.
+
+    y = s (x A^T) B^T (plus x W^T + bias when the adapter has a base) from the
+    original adapter and from each reloaded file; 0.0 means both files hold
+    exactly the adapter. Used by ``reflora demo``; files go to a temporary folder.
+    """
+    import tempfile  # noqa: PLC0415
+
+    from .core import lora_forward  # noqa: PLC0415
+
+    def out(ad: LoraAdapter) -> np.ndarray:
+        y, _ = lora_forward(x, ad.A, ad.B, scale=ad.scale, W=adapter.W, bias=adapter.bias)
+        return np.asarray(to_numpy(y), dtype=np.float64)
+
+    with tempfile.TemporaryDirectory(prefix="reflora-demo-") as tmp:
+        ys = []
+        for layout in LAYOUTS:
+            path = os.path.join(tmp, f"adapter-{layout}.safetensors")
+            save_adapter(path, adapter, layout=layout)
+            ys.append(out(load_adapter(path, xp=adapter.xp)))
+    y0 = out(adapter)
+    return float(np.max(np.abs(ys[0] - ys[1]), initial=0.0) + np.max(np.abs(ys[0] - y0), initial=0.0))

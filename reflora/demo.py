@@ -98,6 +98,13 @@ def gradient_check(x, A, B, W, bias, target, scale, *, seed: int, coords: int = 
     return worst
 
 
+def _layouts_row(adapter, x) -> str:
+    from .adapter_io import layouts_roundtrip_error  # noqa: PLC0415
+
+    err = layouts_roundtrip_error(adapter, x)
+    return f"{'yes' if err == 0.0 else 'NO'} (max |y_peft - y_seed| + |y_peft - y| = {err:.1e})"
+
+
 def run_demo(*, in_features=768, out_features=768, rank=8, alpha=16.0, rows=1024, steps=200, lr=2.0,
              momentum=0.9, seed=0, backend=None, dtype="float32", progress=True, out=None) -> dict[str, Any]:
     """Train, check, and return the summary figures (also printed as a table)."""
@@ -140,6 +147,8 @@ def run_demo(*, in_features=768, out_features=768, rank=8, alpha=16.0, rows=1024
         "update rel. error": rel_update_err,
         "max rel. grad error": grad_err,
         "params trained": adapter.num_params(),
+        # save in the peft and seed layouts, reload both: the outputs must agree exactly
+        "layouts agree (peft/seed)": _layouts_row(adapter, x[: min(rows, 64)]),
         "seconds": time.perf_counter() - t0,
     }
     width = max(map(len, summary))
@@ -156,6 +165,7 @@ def _cmd(args: argparse.Namespace) -> int:
                        alpha=args.alpha, rows=args.rows, steps=args.steps, lr=args.lr, momentum=args.momentum,
                        seed=args.seed, backend=args.backend, progress=not args.quiet)
     ok = summary["max rel. grad error"] < 1e-5 and summary["loss last"] < summary["loss first"]
+    ok = ok and summary["layouts agree (peft/seed)"].startswith("yes")
     if not ok:
         print("reflora demo: FAILED (gradient check or training)", file=sys.stderr)
     return 0 if ok else 1

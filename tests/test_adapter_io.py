@@ -265,3 +265,23 @@ def test_peft_written_file_reads_with_alpha(tmp_path):
     for m in dir_ads:
         assert file_ads[m].config == dir_ads[m].config
         np.testing.assert_array_equal(file_ads[m].B, dir_ads[m].B)
+
+
+def test_demo_layout_check_is_zero_and_can_fail(monkeypatch):
+    from reflora import adapter_io
+
+    rng = np.random.default_rng(8)
+    ad = _adapter(R=2, I=6, O=4)
+    ad.W = rng.standard_normal((4, 6))
+    x = rng.standard_normal((5, 6))
+    assert adapter_io.layouts_roundtrip_error(ad, x) == 0.0
+    real = adapter_io.load_adapter
+
+    def lossy(path, **kw):  # a reader that drops precision in one layout must be caught
+        back = real(path, **kw)
+        if "seed" in str(path):
+            back.B = back.B.astype(np.float32).astype(np.float64)
+        return back
+
+    monkeypatch.setattr(adapter_io, "load_adapter", lossy)
+    assert adapter_io.layouts_roundtrip_error(ad, x) > 0.0

@@ -228,7 +228,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_peak_memory_is_about_two_of_the_largest_tensors(tmp_path, monkeypatch):
-    """Eight 4 MiB bf16 weights (2M elements), all targeted: the peak stays near 2 x 4 MiB.
+    """Four 4 MiB bf16 weights (2M elements), all targeted: the peak stays near 2 x 4 MiB.
 
     The merge's float64 row blocks are set to 256 KiB here, so the fixed overhead
     (a handful of such blocks) is small next to the tensors.
@@ -236,7 +236,7 @@ def test_peak_memory_is_about_two_of_the_largest_tensors(tmp_path, monkeypatch):
     monkeypatch.setattr(rm, "_BLOCK_BYTES", 256 << 10)
     O = I = 1448
     rng = np.random.default_rng(0)
-    names = [f"model.layers.{i}.q_proj" for i in range(8)]
+    names = [f"model.layers.{i}.q_proj" for i in range(4)]
     save_tensors(tmp_path / "model.safetensors",
                  {n + ".weight": (rng.standard_normal((O, I)) * 0.02).astype(BF16) for n in names})
     ad = tmp_path / "ad"
@@ -249,6 +249,8 @@ def test_peak_memory_is_about_two_of_the_largest_tensors(tmp_path, monkeypatch):
     (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
     largest = O * I * 2
     adapter_bytes = sum(a.nbytes for a in tensors.values())
+    # warm up first: lazily imported modules would count as allocations of the traced call
+    cm.merge_model(tmp_path, ad, tmp_path / "warm.safetensors", progress=False)
     tracemalloc.start()
     try:
         cm.merge_model(tmp_path, ad, tmp_path / "out.safetensors", progress=False)

@@ -105,6 +105,24 @@ def _is_uint(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _check_strings(obj: Any, where: str) -> None:
+    """Refuse strings that are not valid Unicode (JSON escapes of lone surrogates), as the reference does."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        items = o.items() if isinstance(o, dict) else [(None, v) for v in o] if isinstance(o, list) else ()
+        for k, v in items:
+            for text in (k, v):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise FormatError(f"{where}: header string {text!r} holds a lone surrogate; "
+                                          "expected valid Unicode") from None
+            if isinstance(v, (dict, list)):
+                stack.append(v)
+
+
 def _validate_header(header_bytes: bytes, data_len: int, where: str) -> tuple[list, dict[str, str]]:
     """Check a header against the data length; return [(name, dtype, shape, begin, end)], metadata.
 
@@ -124,6 +142,7 @@ def _validate_header(header_bytes: bytes, data_len: int, where: str) -> tuple[li
         raise FormatError(f"{where}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{where}: header is a JSON {type(header).__name__}; expected an object")
+    _check_strings(header, where)
 
     metadata: dict[str, str] = {}
     if "__metadata__" in header:

@@ -26,7 +26,8 @@ from helpers import F64_PEER, assert_close
 from reflora import FormatError, load_peft, save_peft
 from reflora.backend import to_numpy
 
-pytestmark = [pytest.mark.interop, pytest.mark.filterwarnings("ignore:fan_in_fan_out is set")]
+pytestmark = [pytest.mark.interop, pytest.mark.filterwarnings("ignore:fan_in_fan_out is set"),
+              pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape")]
 
 
 class Tiny(nn.Module):

@@ -192,6 +192,8 @@ BAD_FILES = {
     "length over cap": (_raw(GOOD, GOOD_DATA, n=100_000_001), "at most 100000000"),
     "not utf-8": (_raw(b'{"\xff":1}'), "UTF-8"),
     "not json": (_raw(b'{"a": '), "not valid JSON"),
+    "lone surrogate": (_raw(b'{"\\ud800": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', GOOD_DATA),
+                       "surrogate"),
     "NaN constant": (_raw(b'{"a": NaN}'), "not valid JSON"),
     "json list": (_raw(b"[1, 2]"), "expected an object"),
     "duplicate name": (_raw(b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
@@ -362,7 +364,7 @@ def _mutations(draw, blob: bytes):
     return struct.pack("<Q", len(hb) if fix_prefix else n) + hb + blob[8 + n:]
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                    HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_mutated_files_load_right_or_raise_format_error(tmp_path, data):

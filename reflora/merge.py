@@ -12,8 +12,9 @@ number nearest to W + s B A, within 0.5 ulp. How:
 2. A rigorous bound e >= |r - exact| (products of bf16/fp16/fp32 numbers are
    exact in float64; the R-term sum, the scaling and the add each round once):
        e = 2 (R + 3) u (|s| sum_k |B_ok| max_i |A_ki| + |W_oi|),  u = 2^-53
-3. If RN(r - e) == RN(r + e), every real number in the interval, the exact
-   value included, rounds to the same element: it is correct. Otherwise (a
+3. If no rounding midpoint of W's dtype lies within e of r, every real number
+   in [r - e, r + e], the exact value included, rounds to the same element as
+   r: it is correct (``_certainly_rounded``). Otherwise (a
    value within about 1e-14 relative of a rounding midpoint: almost never in
    practice, but easy to construct) the element is recomputed exactly with
    Python ``fractions.Fraction`` and rounded exactly.
@@ -65,8 +66,10 @@ __all__ = ["Merged", "merge", "round_to_dtype", "unmerge"]
 
 _U = 2.0 ** -53
 _BF16 = np.dtype(ml_dtypes.bfloat16)
-# float64 work per block of rows in the merge loop (bounds the extra memory)
-_BLOCK_BYTES = 8 << 20
+# float64 work per block of rows in the merge loop (at least one row). Small on purpose: it
+# bounds the extra memory, and temporaries under glibc's 128 KiB mmap threshold are reused
+# from the heap instead of being mapped and zeroed afresh (measured 4x faster than 8 MiB).
+_BLOCK_BYTES = 64 << 10
 
 
 class Merged(NamedTuple):
@@ -114,11 +117,11 @@ def round_to_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
     back = f.astype(np.float64)
     with np.errstate(invalid="ignore"):
         inexact = (back != x) & ~np.isnan(x)
-        # truncate toward zero where nearest went away from zero
+        # nearest went away from zero: step back toward zero (one less in the magnitude bits;
+        # f != 0 there, and Inf steps back to the largest float32)
         away = inexact & (np.abs(back) > np.abs(x))
-    f = np.where(away, np.nextafter(f, np.float32(0)), f)
-    # set the last bit of every inexact result (sticky bit)
-    bits = f.view(np.uint32) | inexact.astype(np.uint32)
+    # truncate, then set the last bit of every inexact result (the sticky bit)
+    bits = (f.view(np.uint32) - away.view(np.uint8)) | inexact.view(np.uint8)
     # then the one rounding to bfloat16 that counts
     return bits.view(np.float32).astype(_BF16)
 
@@ -147,6 +150,33 @@ def _round_fraction(q: Fraction, dt: np.dtype) -> Any:
     return min(cands, key=key)[0]
 
 
+# significant bits p and the smallest subnormal of each low-precision dtype
+_FORMATS = {_BF16: (8, 2.0 ** -133), np.dtype(np.float16): (11, 2.0 ** -24), np.dtype(np.float32): (24, 2.0 ** -149)}
+
+
+def _certainly_rounded(r: np.ndarray, t: np.ndarray, e: np.ndarray, dt: np.dtype) -> np.ndarray:
+    """True where every value within e of r rounds to t (t = RN(r)): no rounding midpoint is that close.
+
+    For t = m 2^k (m in [0.5, 1)) of p significant bits the spacing is 2^(k-p), so the midpoints
+    are h = 2^(k-p-1) away, except toward zero from a power of two, where the spacing halves
+    (h / 2). r lies between the midpoints around t; with d = |r - t| it is certain when
+    d + e < (the gap on r's side) and e < (the gap on the other side). Subnormal t are judged
+    with the normal spacing (smaller: safe); t = 0 has midpoints at +-(smallest subnormal)/2;
+    Inf is never certain.
+    """
+    p, tiny = _FORMATS[dt]
+    t64 = t.astype(np.float64)
+    m, k = np.frexp(t64)
+    h = np.ldexp(0.5, k - p)
+    h = np.where(t64 == 0, tiny / 2, h)
+    pow2 = np.abs(m) == 0.5
+    d = np.abs(r - t64)
+    # r on t's side toward zero, next to a power of two: half the gap
+    side = np.where(pow2 & (np.abs(r) < np.abs(t64)), h / 2, h)
+    other = np.where(pow2, h / 2, h)
+    return (d + e < side) & (e < other) & np.isfinite(t64)
+
+
 def _exact(w: float, a_col: np.ndarray, b_row: np.ndarray, s: float) -> Fraction:
     """w + s sum_k b_k a_k in exact rational arithmetic."""
     acc = sum((Fraction(float(bk)) * Fraction(float(ak)) for bk, ak in zip(b_row, a_col)), Fraction(0))
@@ -173,9 +203,8 @@ def _add_lowrank(w: np.ndarray, a64: np.ndarray, b64: np.ndarray, s: float) -> n
             # rigorous error bound of r, with a factor 2 to spare
             e = (2.0 * (R + 3) * _U) * (row_bound[o0:o1, None] + np.abs(w64)) + 2.0 ** -1000
             with np.errstate(invalid="ignore", over="ignore"):
-                lo, hi = round_to_dtype(r - e, w.dtype), round_to_dtype(r + e, w.dtype)
-                # (compared as numbers: -0 == +0, so an exact zero is not re-done)
-                unsure = (lo != hi) & np.isfinite(r)
+                # certain where r is further than e from the midpoints around t
+                unsure = ~_certainly_rounded(r, t, e, w.dtype) & np.isfinite(r)
             for oi, i in zip(*np.nonzero(unsure)):
                 o = o0 + int(oi)
                 t[oi, i] = _round_fraction(_exact(w[o, i], a64[:, i], b64[o], s), w.dtype)

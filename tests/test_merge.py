@@ -247,3 +247,16 @@ def test_inputs_are_not_written():
     reflora.merge(*arrays, scale=2.0)
     for a, c in zip(arrays, copies):
         np.testing.assert_array_equal(a.view(np.uint16), c.view(np.uint16))
+
+
+@pytest.mark.parametrize("dt", list(LOW.values()), ids=list(LOW))
+def test_midpoint_just_below_a_power_of_two(dt):
+    """Below 1 the spacing halves: the midpoint is 1 - 2^-(p+1). An exact value 2^-60 under it must round down."""
+    p = {BF16: 8, np.dtype(np.float16): 11, np.dtype(np.float32): 24}[dt]
+    W = np.ones((1, 1), dtype=dt)
+    A = np.array([[-(2.0 ** -(p + 1))], [-(2.0 ** -60)]])
+    B = np.ones((1, 2))
+    assert float((W.astype(np.float64) + B @ A).astype(dt)[0, 0]) == 1.0  # float64 alone ties to 1.0
+    got = reflora.merge(W, A, B, scale=1.0).weight
+    assert float(got[0, 0]) == 1.0 - 2.0 ** -p
+    assert_correctly_rounded(got, exact_update(W, A, B, 1.0), dt)

@@ -176,7 +176,7 @@ def detect_layout(shapes: Mapping[str, tuple], *, where: str = "adapter") -> str
             raise FormatError(
                 f"{where}: {label}: {halves['A']!r} has shape {a} and {halves['B']!r} {b}; expected "
                 "A (R, I) and B (O, R) [peft] or a (I, R) and b (R, O) [seed] with one rank R <= min(I, O) "
-                "(the ranks disagree or a tensor is not 2-D)")
+                "(the ranks disagree, a tensor is not 2-D, or R > min(I, O): pass layout= to allow that)")
         common &= fits
     if len(suggested) > 1:
         raise FormatError(f"{where}: tensor names mix the peft (lora_A.weight) and seed (lora_a) spellings; "

@@ -281,7 +281,9 @@ def load_tensors(path: Any, *, xp: Any = None, dtype: Any = None) -> tuple[dict[
 
     Returns:
       (tensors, metadata): {name: array} in the file's offset order, and the
-      ``__metadata__`` dict ({} when absent).
+      ``__metadata__`` dict ({} when absent). NumPy results are writeable
+      views into the one buffer read from the file (no per-tensor copy), so
+      keeping any of them alive keeps the whole buffer.
 
     Raises:
       reflora.FormatError: the file is malformed; the message names the file and key.

@@ -299,10 +299,13 @@ def load_tensors(path: Any, *, xp: Any = None, dtype: Any = None) -> tuple[dict[
       [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
     """
     target = None if xp is None else _normalize_xp(xp)
+    upcast = None
+    if dtype is not None:
+        floats = {SAFETENSORS_DTYPES[h].name: SAFETENSORS_DTYPES[h] for h in _FLOAT_NAMES}
+        upcast = floats.get(dtype_name(dtype))
+        if upcast is None:
+            raise TypeError(f"dtype is {dtype!r}; expected a floating dtype such as 'float64' (one of {sorted(floats)})")
     entries, metadata, data = _read_validated(path)
-    upcast = None if dtype is None else np.dtype(dtype_name(dtype))
-    if upcast is not None and upcast.kind != "f":
-        raise TypeError(f"dtype is {dtype!r}; expected a floating dtype such as 'float64'")
     out = {}
     for name, hdt, shape, begin, end in entries:
         npdt = SAFETENSORS_DTYPES[hdt]

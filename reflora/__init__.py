@@ -17,6 +17,7 @@ from .dropout import dropout_mask
 from .lora_bias import LoraBiasCache, LoraBiasGrads, lora_bias_backward, lora_bias_forward
 from .merge import Merged, merge, unmerge
 from .dora import DoraCache, DoraGrads, DoraMerged, dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
+from .stack import LoraLayer, StackCache, StackGrads, stack_backward, stack_forward
 
 __version__ = "0.1.0"
 
@@ -45,7 +46,10 @@ __all__ = [
     "DoraCache",
     "DoraGrads",
     "DoraMerged",
+    "LoraLayer",
     "Merged",
+    "StackCache",
+    "StackGrads",
     "dora_backward",
     "dora_forward",
     "dora_merge",
@@ -55,6 +59,8 @@ __all__ = [
     "lora_bias_backward",
     "lora_bias_forward",
     "merge",
+    "stack_backward",
+    "stack_forward",
     "unmerge",
     "save_tensors",
 ]

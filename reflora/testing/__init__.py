@@ -1,0 +1,48 @@
+"""reflora.testing: check your own LoRA implementation against the reference.
+
+    import reflora.testing as rt
+    rt.check_forward(my_forward, dtype="bfloat16", to="torch")
+    rt.check_backward(my_backward, dtype="float16", to="torch")
+
+The candidate protocols, the derived tolerance policy and the pytest suite are
+documented in ``reflora.testing.checks``, ``reflora.testing.tolerance`` and
+``reflora.testing.suite``; golden vectors for non-Python implementations in
+``reflora.testing.golden`` (``reflora golden write|check``).
+
+Importing this package needs neither torch nor hypothesis; running a check
+needs hypothesis (the ``test`` extra: ``pip install reflora[test]``).
+"""
+
+from .checks import (CheckResult, check_backward, check_backward_problem, check_forward, check_forward_problem,
+                     check_merge, check_merge_problem, check_metamorphic, check_metamorphic_problem, check_roundtrip,
+                     check_roundtrip_problem, check_scale, check_sgd, check_sgd_problem, converter)
+from .problems import Problem, SGDOptions
+from .tolerance import (DEFAULTS, Tolerance, TolerancePolicy, emulate_backward, emulate_forward, emulate_merge,
+                        emulate_train)
+
+__all__ = [
+    "CheckResult",
+    "DEFAULTS",
+    "Problem",
+    "SGDOptions",
+    "Tolerance",
+    "TolerancePolicy",
+    "check_backward",
+    "check_backward_problem",
+    "check_forward",
+    "check_forward_problem",
+    "check_merge",
+    "check_merge_problem",
+    "check_metamorphic",
+    "check_metamorphic_problem",
+    "check_roundtrip",
+    "check_roundtrip_problem",
+    "check_scale",
+    "check_sgd",
+    "check_sgd_problem",
+    "converter",
+    "emulate_backward",
+    "emulate_forward",
+    "emulate_merge",
+    "emulate_train",
+]

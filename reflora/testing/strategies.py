@@ -1,0 +1,168 @@
+"""Hypothesis strategies for LoRA problems (needs the ``test`` extra: hypothesis).
+
+    dtypes()            "float64", "float32", "float16", "bfloat16"
+    leads()             leading dimensions of x: none, one or several
+    dims() / ranks()    tiny (1-4) or moderate (5-32) sizes; ranks 1-8, so R > I happens
+    scales()            alpha / R or alpha / sqrt(R) over common alphas
+    configs()           reflora.LoraConfig
+    problems()          reflora.testing.Problem: shapes, dtype, seed, scale, W, bias, dropout
+    sgd_options()       reflora.testing.SGDOptions (momentum, dampening, nesterov, ...)
+    arrays(), array_problems()
+                        arrays drawn element by element through
+                        hypothesis.extra.array_api (for your own properties)
+
+Everything shrinks towards small shapes and simple values: one row, I = O = R
+= 1, seed 0, integer-valued arrays, scale 1, no W/bias/dropout. The checks
+draw ``problems()`` (seeded arrays, so a failure is reproduced by the printed
+Problem alone); ``array_problems()`` shrinks the values themselves, when
+you want to see the smallest failing numbers rather than the smallest seed.
+
+Example:
+  >>> from hypothesis import given
+  >>> from reflora.testing import strategies as rst
+  >>> @given(rst.problems(dtypes=["float32"]))
+  ... def test_mine(p):
+  ...     arrays = p.arrays()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra.array_api import make_strategies_namespace
+
+from ..config import LoraConfig
+from .problems import VALUE_KINDS, Problem, SGDOptions
+from .tolerance import DTYPES
+
+__all__ = ["array_problems", "arrays", "configs", "dims", "dtypes", "leads", "problems", "ranks", "scales",
+           "sgd_options"]
+
+ALPHAS = (1.0, 2.0, 8.0, 16.0, 32.0)
+_XPS = None
+
+
+def dtypes(allowed: Sequence[str] = DTYPES) -> st.SearchStrategy[str]:
+    """One of ``allowed`` dtype names."""
+    bad = [d for d in allowed if d not in DTYPES]
+    if bad or not allowed:
+        raise ValueError(f"dtypes {list(allowed)}; expected a non-empty subset of {DTYPES}")
+    return st.sampled_from(tuple(allowed))
+
+
+def dims(*, max_size: int = 32) -> st.SearchStrategy[int]:
+    """A feature size: tiny (1-4) first, moderate (5-max_size) sometimes."""
+    tiny = st.integers(1, min(4, max_size))
+    return tiny if max_size <= 4 else st.one_of(tiny, st.integers(5, max_size))
+
+
+def ranks(*, max_rank: int = 8) -> st.SearchStrategy[int]:
+    """A rank R in 1..max_rank (drawn independently of I, so R > I occurs)."""
+    return st.integers(1, max_rank)
+
+
+def leads(*, max_dims: int = 3, max_side: int = 4) -> st.SearchStrategy[tuple]:
+    """Leading dimensions of x: () (x is (I,)), (N,), or several, each 1..max_side."""
+    return st.lists(st.integers(1, max_side), min_size=0, max_size=max_dims).map(tuple).filter(
+        lambda t: math.prod(t) <= 32)
+
+
+def _lead_default(max_dims: int, max_side: int) -> st.SearchStrategy[tuple]:
+    # shrink towards one row (1,) rather than () so the simplest case is a 2-D x
+    return st.one_of(st.just((1,)), leads(max_dims=max_dims, max_side=max_side))
+
+
+@st.composite
+def scales(draw, rank: int | None = None) -> float:
+    """s = alpha / R or alpha / sqrt(R) (rsLoRA); shrinks to alpha = 1, plain scaling."""
+    R = draw(ranks()) if rank is None else rank
+    alpha = draw(st.sampled_from(ALPHAS))
+    rslora = draw(st.booleans())
+    return alpha / (math.sqrt(R) if rslora else R)
+
+
+@st.composite
+def configs(draw, *, max_size: int = 32, max_rank: int = 8) -> LoraConfig:
+    """A ``reflora.LoraConfig`` with small dimensions."""
+    return LoraConfig(rank=draw(ranks(max_rank=max_rank)), alpha=draw(st.sampled_from(ALPHAS)),
+                      in_features=draw(dims(max_size=max_size)), out_features=draw(dims(max_size=max_size)),
+                      use_rslora=draw(st.booleans()))
+
+
+def problems(*, dtypes: Sequence[str] = ("float32",), max_size: int = 32, max_rank: int = 8,
+             max_lead_dims: int = 3, W: bool | None = None, bias: bool | None = None,
+             dropout: bool | None = None, min_rows: int = 1) -> st.SearchStrategy[Problem]:
+    """``Problem``s; W, bias, dropout True/False force them, None lets hypothesis choose.
+
+    ``min_rows`` > 1 asks for at least that many rows (the batched-vs-looped property).
+    The strategy is built once from plain parts (no per-draw strategy construction),
+    so drawing costs well under a millisecond.
+    """
+    lead = _lead_default(max_lead_dims, 4)
+    if min_rows > 1:
+        lead = lead.filter(lambda t: math.prod(t) >= min_rows)
+    flag = st.booleans()
+    if dropout is None:
+        p = st.sampled_from((0.0, 0.5, 0.25))
+    else:
+        p = st.sampled_from((0.5, 0.25)) if dropout else st.just(0.0)
+    parts = st.tuples(
+        globals()["dtypes"](dtypes), lead, dims(max_size=max_size), dims(max_size=max_size),
+        ranks(max_rank=max_rank), st.sampled_from(ALPHAS), flag,
+        flag if W is None else st.just(W), flag if bias is None else st.just(bias), p,
+        st.sampled_from(VALUE_KINDS), st.integers(0, 2**32 - 1))
+
+    def build(t):
+        dtype, lead_, I, O, R, alpha, rslora, has_W, has_bias, p_, values, seed = t
+        return Problem(lead=lead_, I=I, O=O, R=R, dtype=dtype, seed=seed,
+                       scale=alpha / (math.sqrt(R) if rslora else R), W=has_W, bias=has_bias, dropout=p_,
+                       values=values)
+
+    return parts.map(build)
+
+
+@st.composite
+def sgd_options(draw, *, max_steps: int = 4) -> SGDOptions:
+    """SGD options valid for torch.optim.SGD: lr, momentum, dampening, weight decay, nesterov, maximize."""
+    lr = draw(st.sampled_from((0.1, 0.05, 0.01)))
+    momentum = draw(st.sampled_from((0.0, 0.9, 0.5)))
+    nesterov = momentum > 0 and draw(st.booleans())
+    dampening = 0.0 if nesterov or momentum == 0 else draw(st.sampled_from((0.0, 0.5, 0.1)))
+    weight_decay = draw(st.sampled_from((0.0, 0.1, 0.01)))
+    return SGDOptions(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                      nesterov=nesterov, maximize=draw(st.booleans()), steps=draw(st.integers(1, max_steps)))
+
+
+def _xps():
+    global _XPS
+    if _XPS is None:
+        _XPS = make_strategies_namespace(np)
+    return _XPS
+
+
+def arrays(dtype: str, shape: tuple, *, bound: float = 4.0) -> st.SearchStrategy[np.ndarray]:
+    """A NumPy array of ``dtype`` with finite elements in [-bound, bound], built with
+    ``hypothesis.extra.array_api`` (bfloat16: drawn as float32 and rounded once)."""
+    from .tolerance import to_dtype
+
+    base = "float32" if dtype == "bfloat16" else dtype
+    elements = {"min_value": -bound, "max_value": bound, "allow_nan": False, "allow_infinity": False,
+                "allow_subnormal": False}
+    strat = _xps().arrays(dtype=getattr(np, base), shape=shape, elements=elements)
+    return strat.map(lambda a: to_dtype(np.asarray(a), dtype)) if dtype == "bfloat16" else strat.map(np.asarray)
+
+
+@st.composite
+def array_problems(draw, *, dtypes: Sequence[str] = ("float32",), max_size: int = 6, max_rank: int = 4) -> dict[str, Any]:
+    """{x, A, B, W, bias, dy, scale, dtype}: arrays whose values shrink themselves (towards 0)."""
+    dtype = draw(globals()["dtypes"](dtypes))
+    lead = draw(_lead_default(2, 3))
+    I, O, R = draw(dims(max_size=max_size)), draw(dims(max_size=max_size)), draw(ranks(max_rank=max_rank))
+    out: dict[str, Any] = {"dtype": dtype, "scale": draw(scales(rank=R))}
+    for name, shape in (("x", lead + (I,)), ("A", (R, I)), ("B", (O, R)), ("W", (O, I)), ("bias", (O,)),
+                        ("dy", lead + (O,))):
+        out[name] = draw(arrays(dtype, shape))
+    return out

@@ -1,0 +1,220 @@
+"""LoRA candidates for the conformance-kit tests: a correct PyTorch implementation, and mutants.
+
+The correct one is written the way PEFT computes (lora_B(lora_A(dropout(x))) * scaling,
+base path through F.linear, autograd for gradients, torch.optim.SGD) and runs in
+whatever dtype it is given. Each mutant changes one thing, as a real bug would.
+``candidate`` is the object ``REFLORA_CANDIDATE=lora_candidates:candidate`` names.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+# ---------------------------------------------------------------- correct
+
+
+def forward(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+    xm = x if dropout_mask is None else x * dropout_mask
+    lora = (xm @ A.T) @ B.T * scale
+    if W is None:
+        return lora if bias is None else lora + bias
+    return F.linear(x, W, bias) + lora
+
+
+def _grads(fwd, x, A, B, dy, **kw):
+    x, A, B = (t.detach().clone().requires_grad_(True) for t in (x, A, B))
+    y = fwd(x, A, B, **kw)
+    return tuple(g for g in torch.autograd.grad(y, (x, A, B), dy))
+
+
+def backward(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None):
+    return _grads(forward, x, A, B, dy, scale=scale, W=W, bias=bias, dropout_mask=dropout_mask)
+
+
+def make_train_step(fwd=forward, sgd=torch.optim.SGD):
+    def train_step(x, target, params, state, *, scale, lr, momentum, dampening, weight_decay, nesterov, maximize):
+        if state is None:
+            A = torch.nn.Parameter(params["A"].clone())
+            B = torch.nn.Parameter(params["B"].clone())
+            opt = sgd([A, B], lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                      nesterov=nesterov, maximize=maximize)
+            state = (opt, A, B)
+        opt, A, B = state
+        opt.zero_grad()
+        y = fwd(x, A, B, scale=scale, W=params["W"], bias=params["bias"])
+        F.mse_loss(y, target).backward()
+        opt.step()
+        return {"A": A.detach().clone(), "B": B.detach().clone(), "W": params["W"], "bias": params["bias"]}, state
+    return train_step
+
+
+train_step = make_train_step()
+
+
+def merge(W, A, B, *, scale):
+    return W + (B @ A) * scale
+
+
+def scaling(rank, alpha, *, use_rslora=False):
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+KEY_A = "base_model.model.linear.lora_A.weight"
+KEY_B = "base_model.model.linear.lora_B.weight"
+
+
+def save(path, A, B):
+    from safetensors.torch import save_file
+
+    save_file({KEY_A: A.contiguous(), KEY_B: B.contiguous()}, path, metadata={"format": "pt"})
+
+
+def load(path):
+    from safetensors.torch import load_file
+
+    t = load_file(path)
+    return t[KEY_A], t[KEY_B]
+
+
+candidate = types.SimpleNamespace(forward=forward, backward=backward, train_step=train_step, merge=merge,
+                                  scaling=scaling, save=save, load=load, dtypes=DTYPES, to="torch",
+                                  layout="peft")
+
+#: only a forward (the suite lists everything else as skipped)
+forward_only = types.SimpleNamespace(forward=forward, to="torch", dtypes=("float32",))
+
+
+# ---------------------------------------------------------------- mutants (one bug each)
+
+
+def fwd_scale_on_base(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+    """candle-lora's bug: (base(x) + b(a(x))) * scale."""
+    xm = x if dropout_mask is None else x * dropout_mask
+    lora = (xm @ A.T) @ B.T
+    base = 0 if W is None else F.linear(x, W, bias)
+    return (base + lora) * scale if W is not None else (lora * scale + (0 if bias is None else bias))
+
+
+def fwd_A_transposed(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+    """A used as (I, R): x @ A instead of x @ A^T (errors unless R = I; wrong values when R = I)."""
+    xm = x if dropout_mask is None else x * dropout_mask
+    lora = (xm @ A) @ B.T * scale
+    return (F.linear(x, W, bias) if W is not None else (0 if bias is None else bias)) + lora
+
+
+def fwd_dropout_on_base(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+    """Dropout applied to the base path as well."""
+    xm = x if dropout_mask is None else x * dropout_mask
+    lora = (xm @ A.T) @ B.T * scale
+    return (F.linear(xm, W, bias) if W is not None else (0 if bias is None else bias)) + lora
+
+
+def fwd_bias_twice(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+    """The bias added to both paths."""
+    y = forward(x, A, B, scale=scale, W=W, bias=bias, dropout_mask=dropout_mask)
+    return y if bias is None else y + bias
+
+
+def bwd_no_scale_in_dA(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None):
+    dx, dA, dB = backward(x, A, B, dy, scale=scale, W=W, bias=bias, dropout_mask=dropout_mask)
+    return dx, dA / scale, dB
+
+
+def bwd_dB_from_x(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None):
+    """dB = s dy^T x instead of s dy^T (x A^T)."""
+    dx, dA, dB = backward(x, A, B, dy, scale=scale, W=W, bias=bias, dropout_mask=dropout_mask)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return dx, dA, scale * dy2.T @ x2
+
+
+def bwd_not_summed_over_leading(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None):
+    """dA, dB averaged over the first leading dimension instead of summed (when x has several)."""
+    dx, dA, dB = backward(x, A, B, dy, scale=scale, W=W, bias=bias, dropout_mask=dropout_mask)
+    n = x.shape[0] if x.ndim > 2 else 1
+    return dx, dA / n, dB / n
+
+
+def bwd_no_base_dx(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None):
+    """dx without the base path's dy W."""
+    return _grads(forward, x, A, B, dy, scale=scale, W=None, bias=bias, dropout_mask=dropout_mask)
+
+
+def bwd_mask_not_in_dx(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None):
+    """The dropout mask forgotten on the LoRA branch of dx."""
+    dx, dA, dB = backward(x, A, B, dy, scale=scale, W=W, bias=bias, dropout_mask=dropout_mask)
+    if dropout_mask is not None:
+        lora_dx = (scale * dy @ B) @ A
+        dx = dx - lora_dx * dropout_mask + lora_dx
+    return dx, dA, dB
+
+
+class SGDZeroBuffer(torch.optim.Optimizer):
+    """SGD whose momentum buffer starts at zero (optax's trace) instead of at the first gradient."""
+
+    def __init__(self, params, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                d_p = -p.grad if g["maximize"] else p.grad
+                if g["weight_decay"]:
+                    d_p = d_p + g["weight_decay"] * p
+                if g["momentum"]:
+                    buf = self.state[p].setdefault("buf", torch.zeros_like(p))
+                    buf.mul_(g["momentum"]).add_(d_p, alpha=1 - g["dampening"])
+                    d_p = d_p + g["momentum"] * buf if g["nesterov"] else buf
+                p.add_(d_p, alpha=-g["lr"])
+
+
+train_zero_buffer = make_train_step(sgd=SGDZeroBuffer)
+
+
+def train_decay_on_W(x, target, params, state, *, weight_decay, lr, **kw):
+    """Weight decay also applied to the frozen base weight."""
+    new, state = train_step(x, target, params, state, weight_decay=weight_decay, lr=lr, **kw)
+    if new["W"] is not None and weight_decay:
+        new = dict(new, W=new["W"] * (1 - lr * weight_decay))
+    return new, state
+
+
+def _fwd_without_bias(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+    return forward(x, A, B, scale=scale, W=W, bias=None, dropout_mask=dropout_mask)
+
+
+train_bias_dropped = make_train_step(fwd=_fwd_without_bias)
+
+
+def merge_no_scale(W, A, B, *, scale):
+    return W + B @ A
+
+
+def scaling_ignores_rslora(rank, alpha, *, use_rslora=False):
+    """alpha / r where alpha / sqrt(r) was configured."""
+    return alpha / rank
+
+
+def save_upcast(path, A, B):
+    """Writes float32 whatever the dtype (a round trip that changes the dtype)."""
+    save(path, A.float(), B.float())
+
+
+def save_seed_keys_as_peft(path, A, B):
+    """Writes PEFT's key names with the seed's transposed layout."""
+    from safetensors.torch import save_file
+
+    save_file({KEY_A: A.T.contiguous(), KEY_B: B.T.contiguous()}, path)
+
+
+def load_transposed(path):
+    a, b = load(path)
+    return a.T.contiguous(), b.T.contiguous()

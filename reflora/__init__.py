@@ -18,6 +18,7 @@ from .lora_bias import LoraBiasCache, LoraBiasGrads, lora_bias_backward, lora_bi
 from .merge import Merged, merge, unmerge
 from .dora import DoraCache, DoraGrads, DoraMerged, dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
 from .stack import LoraLayer, StackCache, StackGrads, stack_backward, stack_forward
+from .resize import Resized, resize_rank
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "DoraMerged",
     "LoraLayer",
     "Merged",
+    "Resized",
     "StackCache",
     "StackGrads",
     "dora_backward",
@@ -59,6 +61,7 @@ __all__ = [
     "lora_bias_backward",
     "lora_bias_forward",
     "merge",
+    "resize_rank",
     "stack_backward",
     "stack_forward",
     "unmerge",

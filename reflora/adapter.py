@@ -169,19 +169,23 @@ class LoraAdapter:
         return self.scale * self.xp.matmul(self.B, self.A)
 
     def merge(self) -> None:
-        """W <- W + s B A (the update folded into the base weight)."""
+        """W <- RN(W + s B A), correctly rounded to W's dtype (``reflora.merge``)."""
+        from .merge import merge  # noqa: PLC0415 - reflora.merge imports nothing of the adapter's
+
         if self.W is None:
             raise ValueError("merge() needs a base weight W; this adapter has none")
         if self.merged:
             raise RuntimeError("the adapter is already merged")
-        self.W = self.W + self.delta_weight()
+        self.W = merge(self.W, self.A, self.B, scale=self.scale).weight
         self.merged = True
 
     def unmerge(self) -> None:
-        """W <- W - s B A. Exact in float64 only up to rounding; see docs on merge precision."""
+        """W <- RN(W - s B A) (``reflora.unmerge``). In float16 not an identity: see reflora.merge."""
+        from .merge import unmerge  # noqa: PLC0415
+
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
-        self.W = self.W - self.delta_weight()
+        self.W = unmerge(self.W, self.A, self.B, scale=self.scale).weight
         self.merged = False
 
     def to(self, xp: Any) -> "LoraAdapter":

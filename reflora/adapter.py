@@ -11,6 +11,8 @@ from typing import Any, Callable
 from .backend import _normalize_xp, array_namespace, asarray, dtype_name, resolve_dtype
 from .config import LoraConfig
 from .core import LoraGrads, lora_backward, lora_forward, mse_loss
+from .dora import DoraCache, dora_backward, dora_forward, dora_merge, dora_unmerge
+from .lora_bias import LoraBiasCache, lora_bias_backward, lora_bias_forward
 from .init import init_lora
 from .sgd import SGD, SGDState
 
@@ -58,11 +60,18 @@ class LoraAdapter:
         self.merged = False
         self._cache = None
         self._sgd_state: tuple[SGD | None, SGDState | None] = (None, None)
+        # optional PEFT extras (reflora.dora, reflora.lora_bias); None = plain LoRA
+        self.magnitude, self.lora_bias, self.dora_norm_grad, self._dora_norm = None, None, "detached", None
 
     @classmethod
     def from_arrays(cls, A: Any, B: Any, *, alpha: float, use_rslora: bool = False, W: Any = None,
-                    bias: Any = None, init: str = "kaiming_uniform") -> "LoraAdapter":
-        """An adapter around existing A (R, I) and B (O, R); they keep their namespace and dtype."""
+                    bias: Any = None, init: str = "kaiming_uniform", magnitude: Any = None,
+                    lora_bias: Any = None) -> "LoraAdapter":
+        """An adapter around existing A (R, I) and B (O, R); they keep their namespace and dtype.
+
+        ``magnitude`` (O,) makes it a DoRA layer (``reflora.dora``; needs W to run) and
+        ``lora_bias`` (O,) adds PEFT's bias on lora_B (``reflora.lora_bias``).
+        """
         xp = array_namespace(A, B, names=("A", "B"))
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(f"A has shape {tuple(A.shape)} and B {tuple(B.shape)}; expected (R, I) and (O, R)")
@@ -77,7 +86,19 @@ class LoraAdapter:
         self.W = None if W is None else self._own(W, "W", (B.shape[0], I), "(O, I)")
         self.bias = None if bias is None else self._own(bias, "bias", (B.shape[0],), "(O,)")
         self.merged, self._cache, self._sgd_state = False, None, (None, None)
+        self.dora_norm_grad, self._dora_norm = "detached", None
+        self.magnitude = None if magnitude is None else self._extra(magnitude, "magnitude")
+        self.lora_bias = None if lora_bias is None else self._extra(lora_bias, "lora_bias")
         return self
+
+    def _extra(self, a: Any, name: str) -> Any:
+        O = self.B.shape[0]
+        array_namespace(self.A, a, names=("A", name))
+        if tuple(a.shape) != (O,):
+            raise ValueError(f"{name} has shape {tuple(a.shape)}; expected (O,) = ({O},), O taken from B")
+        if a.dtype != self.A.dtype:
+            raise TypeError(f"{name} has dtype {a.dtype}; expected {self.A.dtype}, the dtype of A")
+        return a
 
     def _own(self, a: Any, name: str, shape: tuple, letters: str) -> Any:
         a = asarray(a, xp=self.xp, dtype=self.dtype)
@@ -91,12 +112,18 @@ class LoraAdapter:
         return self.config.scale
 
     def num_params(self) -> int:
-        """Trainable parameters: R (I + O). W and bias are frozen and not counted."""
-        return int(self.A.shape[0] * (self.A.shape[1] + self.B.shape[0]))
+        """Trainable parameters: R (I + O), plus O each for a DoRA magnitude and a lora_bias."""
+        extra = sum(int(self.B.shape[0]) for a in (self.magnitude, self.lora_bias) if a is not None)
+        return int(self.A.shape[0] * (self.A.shape[1] + self.B.shape[0])) + extra
 
     def params(self) -> dict[str, Any]:
-        """The trainable parameters {"A": A, "B": B}."""
-        return {"A": self.A, "B": self.B}
+        """The trainable parameters {"A": A, "B": B} (and "m", "lora_bias" when present)."""
+        out = {"A": self.A, "B": self.B}
+        if self.magnitude is not None:
+            out["m"] = self.magnitude
+        if self.lora_bias is not None:
+            out["lora_bias"] = self.lora_bias
+        return out
 
     def forward(self, x: Any, *, dropout_mask: Any = None) -> Any:
         """y for input x (..., I); keeps the cache for ``backward``.
@@ -108,8 +135,18 @@ class LoraAdapter:
             y, _ = lora_forward(x, self.A[:0, :], self.B[:, :0], scale=0.0, W=self.W, bias=self.bias)
             self._cache = None
             return y
-        y, self._cache = lora_forward(x, self.A, self.B, scale=self.scale, W=self.W, bias=self.bias,
-                                      dropout_mask=dropout_mask)
+        if self.magnitude is not None:
+            if self.lora_bias is not None:
+                raise ValueError("DoRA with lora_bias is not supported (PEFT's merge of the pair disagrees with "
+                                 "its own forward)")
+            y, self._cache = dora_forward(x, self.A, self.B, self.magnitude, self.W, scale=self.scale,
+                                          bias=self.bias, dropout_mask=dropout_mask, norm_grad=self.dora_norm_grad)
+        elif self.lora_bias is not None:
+            y, self._cache = lora_bias_forward(x, self.A, self.B, self.lora_bias, scale=self.scale, W=self.W,
+                                               bias=self.bias, dropout_mask=dropout_mask)
+        else:
+            y, self._cache = lora_forward(x, self.A, self.B, scale=self.scale, W=self.W, bias=self.bias,
+                                          dropout_mask=dropout_mask)
         return y
 
     __call__ = forward
@@ -118,6 +155,10 @@ class LoraAdapter:
         """Gradients for the last ``forward`` call."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first (and an unmerged adapter)")
+        if isinstance(self._cache, DoraCache):
+            return dora_backward(dy, self._cache)  # DoraGrads(dx, dA, dB, dm)
+        if isinstance(self._cache, LoraBiasCache):
+            return lora_bias_backward(dy, self._cache)  # LoraBiasGrads(dx, dA, dB, dlora_bias)
         return lora_backward(dy, self._cache)
 
     def step(self, grads: LoraGrads, sgd: SGD) -> None:
@@ -134,9 +175,18 @@ class LoraAdapter:
         owner, state = self._sgd_state
         if owner is not sgd:
             state = sgd.init(params)
-        new, state = sgd.step(params, {"A": grads.dA, "B": grads.dB}, state)
+        g = {"A": grads.dA, "B": grads.dB}
+        if "m" in params:
+            g["m"] = grads.dm
+        if "lora_bias" in params:
+            g["lora_bias"] = grads.dlora_bias
+        new, state = sgd.step(params, g, state)
         self._sgd_state = (sgd, state)
         self.A, self.B = new["A"], new["B"]
+        if "m" in new:
+            self.magnitude = new["m"]
+        if "lora_bias" in new:
+            self.lora_bias = new["lora_bias"]
 
     def fit(self, x: Any, target: Any, *, steps: int, sgd: SGD,
             callback: Callable[[int, float], Any] | None = None) -> list[float]:
@@ -176,7 +226,13 @@ class LoraAdapter:
             raise ValueError("merge() needs a base weight W; this adapter has none")
         if self.merged:
             raise RuntimeError("the adapter is already merged")
-        self.W = merge(self.W, self.A, self.B, scale=self.scale).weight
+        if self.magnitude is not None:
+            # W <- RN((m / n) (W + s B A)); n is kept for unmerge (W' alone does not determine it)
+            res = dora_merge(self.W, self.A, self.B, self.magnitude, scale=self.scale)
+            self.W, self._dora_norm = res.weight, res.norm
+        else:
+            self.W, self.bias = merge(self.W, self.A, self.B, scale=self.scale, bias=self.bias,
+                                      lora_bias=self.lora_bias)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -185,14 +241,18 @@ class LoraAdapter:
 
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
-        self.W = unmerge(self.W, self.A, self.B, scale=self.scale).weight
+        if self.magnitude is not None:
+            self.W = dora_unmerge(self.W, self.A, self.B, self.magnitude, scale=self.scale, norm=self._dora_norm)
+        else:
+            self.W, self.bias = unmerge(self.W, self.A, self.B, scale=self.scale, bias=self.bias,
+                                        lora_bias=self.lora_bias)
         self.merged = False
 
     def to(self, xp: Any) -> "LoraAdapter":
         """Move every array to another namespace ("numpy", "cupy", a module); returns self."""
         target = _normalize_xp(xp)
         self.dtype = resolve_dtype(target, dtype_name(self.dtype))
-        for name in ("A", "B", "W", "bias"):
+        for name in ("A", "B", "W", "bias", "magnitude", "lora_bias"):
             a = getattr(self, name)
             if a is not None:
                 setattr(self, name, asarray(a, xp=target))

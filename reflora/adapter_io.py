@@ -16,9 +16,11 @@ reload complete; a file without it needs ``alpha=``.
 A PEFT directory is ``adapter_config.json`` + ``adapter_model.safetensors``
 as ``PeftModel.save_pretrained`` writes them. ``load_peft`` honours r,
 lora_alpha, use_rslora, rank_pattern and alpha_pattern (matched against module
-paths exactly as PEFT matches them) and refuses what a plain LoRA adapter
-cannot represent (DoRA, lora_bias, embeddings, convolutions, modules_to_save,
-trainable tokens, base-modifying inits such as PiSSA) rather than mis-read it.
+paths exactly as PEFT matches them), use_dora (``lora_magnitude_vector`` ->
+``LoraAdapter.magnitude``) and lora_bias (``lora_B.bias`` -> ``.lora_bias``), and
+refuses what it cannot represent (embeddings, convolutions, modules_to_save,
+trainable tokens, base-modifying inits such as PiSSA, DoRA together with
+lora_bias) rather than mis-read it.
 
 All key names live in ``_KEY_FORMATS`` / ``_parse_key`` and all refusals of
 PEFT features in ``_UNSUPPORTED_CONFIG`` / ``_UNSUPPORTED_KEYS``: extend there.
@@ -63,8 +65,9 @@ _KEY_FORMATS = {
 _KEY_RE = re.compile(r"^(?P<prefix>base_model\.model\.)?(?:(?P<m>.+)\.)?lora_(?P<half>[ABab])(?P<w>\.weight)?$")
 #: PEFT tensors reflora cannot represent yet -> what they are (the DoRA / lora_bias issue extends this).
 _UNSUPPORTED_KEYS = (
-    (re.compile(r"\.lora_magnitude_vector$"), "a DoRA magnitude vector (use_dora); DoRA is not supported yet"),
-    (re.compile(r"\.lora_B\.bias$"), "a LoRA bias (lora_bias=True); not supported yet"),
+    (re.compile(r"\.lora_magnitude_vector$"), "a DoRA magnitude vector (use_dora); read DoRA adapters from their "
+                                                "PEFT folder with load_peft"),
+    (re.compile(r"\.lora_B\.bias$"), "a LoRA bias (lora_bias=True); read it from its PEFT folder with load_peft"),
     (re.compile(r"\.lora_embedding_[AB]$"), "a LoRA embedding; only Linear layers are supported"),
     (re.compile(r"modules_to_save|\.original_module\."), "a modules_to_save copy; not part of a LoRA adapter"),
     (re.compile(r"token_adapter|trainable_tokens"), "a trainable-tokens delta; not supported"),
@@ -500,6 +503,38 @@ def _read_peft_config(directory: str, *, allow: tuple[str, ...] = ()) -> dict[st
     return cfg
 
 
+_PEFT_EXTRA_RE = re.compile(r"^" + re.escape(PEFT_PREFIX) + r"(.+)\.(lora_magnitude_vector|lora_B\.bias)$")
+
+
+def _attach_extras(ad: LoraAdapter, extra: Mapping[str, np.ndarray], cfg: Mapping[str, Any], label: str,
+                   weights: str, xp: Any) -> None:
+    """Set a loaded adapter's DoRA magnitude and lora_bias, checked against use_dora / lora_bias."""
+    for key, flag, what in (("magnitude", "use_dora", "lora_magnitude_vector"), ("lora_bias", "lora_bias",
+                                                                               "lora_B.bias")):
+        if bool(cfg.get(flag)) != (key in extra):
+            raise FormatError(f"{weights}: {label}: {flag} is {bool(cfg.get(flag))} in {PEFT_CONFIG_NAME} but the "
+                              f"file {'lacks' if cfg.get(flag) else 'has'} {what}")
+    if len(extra) == 2:
+        raise FormatError(f"{weights}: {label}: DoRA with lora_bias is not supported (PEFT's merge of the pair "
+                          "disagrees with its own forward)")
+    try:
+        for key, arr in extra.items():
+            setattr(ad, key, ad._extra(asarray(np.ascontiguousarray(arr), xp=ad.xp), key))
+    except (ValueError, TypeError) as exc:
+        raise FormatError(f"{weights}: {label}: {exc}") from None
+
+
+def _peft_extras(mods: Mapping[str, LoraAdapter]) -> dict[str, Any]:
+    """PEFT's keys for DoRA magnitudes and lora_B biases of the adapters that have them."""
+    out = {}
+    for m, ad in mods.items():
+        if ad.magnitude is not None:
+            out[f"{PEFT_PREFIX}{m}.lora_magnitude_vector"] = to_numpy(ad.magnitude)
+        if ad.lora_bias is not None:
+            out[f"{PEFT_PREFIX}{m}.lora_B.bias"] = to_numpy(ad.lora_bias)
+    return out
+
+
 def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, LoraAdapter]:
     """Read a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
 
@@ -521,8 +556,10 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
 
     Raises:
       reflora.FormatError: missing/malformed files, a config reflora cannot
-        represent (use_dora, lora_bias, modules_to_save, PiSSA-style inits,
-        embeddings, convolutions, ...), or ranks contradicting the config.
+        represent (modules_to_save, PiSSA-style inits, embeddings, convolutions,
+        DoRA with lora_bias, ...), or ranks (or use_dora / lora_bias) contradicting
+        the config. DoRA modules come back with ``magnitude`` set, lora_bias
+        modules with ``lora_bias`` set; a DoRA adapter needs its base ``W`` to run.
 
     Example:
       >>> import reflora, tempfile
@@ -533,7 +570,7 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
       8.0
     """
     directory = os.fspath(directory)
-    cfg = _read_peft_config(directory)
+    cfg = _read_peft_config(directory, allow=("use_dora", "lora_bias"))
     weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
     if not os.path.exists(weights):
         if os.path.exists(os.path.join(directory, "adapter_model.bin")):
@@ -542,7 +579,13 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
         raise FormatError(f"{directory}: no {PEFT_WEIGHTS_NAME}")
     tensors, _ = load_tensors(weights, xp="numpy", dtype=dtype)
     modules: dict[str, dict[str, str]] = {}
+    extras: dict[str, dict[str, np.ndarray]] = {}  # DoRA magnitudes and lora_B biases (reflora.dora, .lora_bias)
     for name in tensors:
+        extra = _PEFT_EXTRA_RE.match(name)
+        if extra is not None:
+            extras.setdefault(extra[1], {})["magnitude" if extra[2] == "lora_magnitude_vector" else "lora_bias"] = \
+                tensors[name]
+            continue
         why = _unsupported_reason(name)
         parsed = _parse_key(name)
         if why or parsed is None or not name.startswith(PEFT_PREFIX) or parsed[2] != "peft":
@@ -574,6 +617,10 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
         init = "gaussian" if cfg.get("init_lora_weights") == "gaussian" else "kaiming_uniform"
         out[module] = _build(label, A, B, alpha=float(alpha), use_rslora=bool(cfg.get("use_rslora", False)),
                              init=init, xp=xp, where=weights)
+        _attach_extras(out[module], extras.pop(module, {}), cfg, label, weights, xp)
+    if extras:
+        raise FormatError(f"{weights}: {sorted(extras)[:5]} have a magnitude vector or lora_B.bias but no "
+                          "lora_A/lora_B weights")
     if not out:
         raise FormatError(f"{weights}: no LoRA tensors")
     return out
@@ -621,6 +668,11 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
     rslora = {ad.config.use_rslora for ad in mods.values()}
     if len(rslora) > 1:
         raise ValueError("adapters disagree on use_rslora; a PEFT config has one use_rslora for all modules")
+    dora = {ad.magnitude is not None for ad in mods.values()}
+    lbias = {ad.lora_bias is not None for ad in mods.values()}
+    if len(dora) > 1 or len(lbias) > 1:
+        raise ValueError("adapters disagree on DoRA (magnitude) or lora_bias; a PEFT config has one use_dora and "
+                         "one lora_bias for all modules")
     if not isinstance(fan_in_fan_out, bool):
         raise TypeError(f"fan_in_fan_out is {fan_in_fan_out!r}; expected True or False")
     directory = os.fspath(directory)
@@ -654,12 +706,13 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
         "fan_in_fan_out": fan_in_fan_out,
         "lora_dropout": 0.0,
         "bias": "none",
-        "use_dora": False,
-        "lora_bias": False,
+        "use_dora": dora.pop(),
+        "lora_bias": lbias.pop(),
         "modules_to_save": None,
         "init_lora_weights": "gaussian" if inits == {"gaussian"} else True,
     }
-    save_tensors(weights, _adapter_tensors(mods, "peft"), metadata=_metadata_for(mods, "peft"), overwrite=overwrite)
+    save_tensors(weights, {**_adapter_tensors(mods, "peft"), **_peft_extras(mods)}, metadata=_metadata_for(mods, "peft"),
+                 overwrite=overwrite)
     text = json.dumps(config, indent=2) + "\n"  # not sort_keys: pattern order matters to PEFT
 
     def write(tmp: str) -> None:

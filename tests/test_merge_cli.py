@@ -260,3 +260,25 @@ def test_peak_memory_is_about_two_of_the_largest_tensors(tmp_path):
     # measured: about 2.6 x 4 MiB beyond the adapter's own arrays
     assert over <= 2 * largest + 16 * block, f"peak {peak / 2**20:.1f} MiB beyond the adapter's"
     assert over >= 2 * largest  # input and output of one tensor really are held together
+
+
+def test_command_line_runs_without_torch_and_shows_progress(tmp_path):
+    import subprocess
+    import sys
+
+    base, adapter, _, merged, _ = make_case(tmp_path, r=2, lora_alpha=4)
+    out = tmp_path / "cli.safetensors"
+    code = ("import sys; from reflora.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "merge", str(base), str(adapter), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "merged 8 adapter modules (8 tensors;" in r.stdout
+    assert "/" in r.stderr and "merged model.layers" in r.stderr  # the progress bar, on stderr
+    got = read_all(out)
+    for k, v in merged.items():
+        assert_close(got[k], v, name=k, rel=2e-7)
+    # an existing output is refused without --overwrite, before anything is written
+    r = subprocess.run([sys.executable, "-m", "reflora.cli", "merge", str(base), str(adapter), str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "exists" in r.stderr

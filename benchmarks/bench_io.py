@@ -10,7 +10,7 @@ Side by side in one run, on the same tensors and the same folder:
   load  reflora.load_tensors   (full header validation, one read, then views)
         safetensors.numpy.load_file            (mmap + a copy per tensor)
 
-Figures are medians over --repeats runs (the two contenders alternate), in MiB/s; the ratio is reflora's
+Figures are medians over --repeats runs (the contenders take turns, order rotated), in MiB/s; the ratio is reflora's
 throughput over safetensors' (>= 0.9 is the target). Loads read a file that
 was just written, so both come from the page cache.
 """
@@ -46,15 +46,16 @@ def adapter_tensors(mib: int) -> dict[str, np.ndarray]:
     return out
 
 
-def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    """Median seconds of fn_a and fn_b, run alternately (order flipped each round) so drift hits both."""
-    ta, tb = [], []
+def timed(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each function; they run in turn, in a rotated order each round, so drift hits all."""
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(repeats):
-        for fn, times in ((fn_a, ta), (fn_b, tb)) if i % 2 == 0 else ((fn_b, tb), (fn_a, ta)):
+        for j in range(len(fns)):
+            k = (i + j) % len(fns)
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -89,8 +90,8 @@ def main() -> None:
         assert f1.read() == f2.read(), "reflora and safetensors wrote different bytes"
 
     results = {}
-    results["save"] = timed_pair(rf_save, st_save, args.repeats)
-    _, save_fsync = timed_pair(rf_save, st_save_fsync, args.repeats)
+    t_rf, t_st, save_fsync = timed([rf_save, st_save, st_save_fsync], args.repeats)
+    results["save"] = (t_rf, t_st)
     loaded = {}
 
     def rf_load():
@@ -101,7 +102,7 @@ def main() -> None:
 
     rf_load()
     st_load()
-    results["load"] = timed_pair(rf_load, st_load, args.repeats)
+    results["load"] = tuple(timed([rf_load, st_load], args.repeats))
     for k, v in tensors.items():
         assert np.array_equal(loaded["rf"][k], v) and np.array_equal(loaded["st"][k], v), k
 

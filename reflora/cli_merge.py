@@ -27,7 +27,8 @@ time. Peak memory is about two copies of the largest targeted tensor (its
 input and its output) plus the merge's float64 row blocks (a few MiB). The
 output is written atomically: a single file through a temporary file and a
 rename; a sharded model into a temporary folder renamed to OUT at the end,
-with its index. No torch is imported.
+with its index. No torch is imported. Only weights are written: copy
+config.json, tokenizer and generation files next to them yourself.
 """
 
 from __future__ import annotations

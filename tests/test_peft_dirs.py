@@ -18,6 +18,8 @@ import numpy as np
 import peft
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -203,8 +205,7 @@ def _peft_save(tmp_path, model, **cfg):
 
 
 REFUSED = {
-    "use_dora": (lambda: _base_model(), dict(r=2, target_modules=["proj"], use_dora=True), "use_dora"),
-    "lora_bias": (lambda: _base_model(), dict(r=2, target_modules=["proj"], lora_bias=True), "lora_bias"),
+    # (DoRA and lora_bias are read since the DoRA/lora_bias issue: tests/test_peft_extras_io.py)
     "modules_to_save": (lambda: _base_model(), dict(r=2, target_modules=["proj"], modules_to_save=["blk.2"]),
                         "modules_to_save"),
     "embedding": (lambda: nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), dict(r=2, target_modules=["0"]),
@@ -229,6 +230,8 @@ def test_unrepresentable_peft_configs_are_refused(tmp_path, case):
     ("rank_pattern", {"proj": 5}, r"rank_pattern\['proj'\]"),
     ("lora_alpha", "8", "expected a number"),
     ("use_rslora", "yes", "true or false"),
+    ("use_dora", True, "lacks lora_magnitude_vector"),
+    ("lora_bias", True, "lacks lora_B.bias"),
 ])
 def test_edited_configs_are_refused(tmp_path, field, value, pattern):
     _peft_save(tmp_path, _base_model(), r=2, target_modules=["proj", "blk.0"])
@@ -271,3 +274,27 @@ def test_save_peft_arguments(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     _, meta = reflora.load_tensors(tmp_path / "adapter_model.safetensors", xp="numpy")
     assert meta["format"] == "pt"
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ranks=st.tuples(*[st.integers(1, 4)] * 3), alphas=st.tuples(*[st.integers(1, 32)] * 3),
+       use_rslora=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_hypothesis_random_patterns_both_ways(tmp_path_factory, ranks, alphas, use_rslora, seed, data):
+    """Random per-module ranks and alphas (through rank_pattern/alpha_pattern), PEFT -> reflora -> PEFT."""
+    mods = ["proj", "blk.0", "blk.2"]
+    targets = data.draw(st.lists(st.sampled_from(mods), min_size=1, max_size=3, unique=True))
+    base = _base_model(seed % 7)
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=ranks[0], lora_alpha=alphas[0], target_modules=targets, use_rslora=use_rslora,
+                          init_lora_weights=False, rank_pattern={m: r for m, r in zip(mods, ranks) if m in targets},
+                          alpha_pattern={m: a for m, a in zip(mods, alphas) if m in targets})
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).double().eval()
+    d1, d2 = tmp_path_factory.mktemp("peft"), tmp_path_factory.mktemp("reflora")
+    pm.save_pretrained(d1)
+    adapters = load_peft(d1, xp="numpy")
+    x = _x(5)
+    ref = _peft_out(pm, x)
+    assert_close(reflora_model_forward(x, base, adapters), ref, name="PEFT -> reflora", rel=F64_PEER)
+    save_peft(d2, adapters)
+    pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(d2)).double().eval()
+    assert_close(_peft_out(pm2, x), ref, name="reflora -> PEFT", rel=F64_PEER)

@@ -288,7 +288,8 @@ def save_adapter(path: Any, adapter: Any, *, layout: str = "peft", module: str =
       overwrite: False refuses to replace an existing file.
 
     Raises:
-      ValueError: an unknown layout or a malformed module path.
+      ValueError: an unknown layout, a malformed module path, or an adapter
+        with a DoRA ``magnitude`` or a ``lora_bias`` (use ``save_peft``).
       TypeError: not a LoraAdapter (mapping).
       FileExistsError: ``overwrite=False`` and the file exists.
 
@@ -304,6 +305,11 @@ def save_adapter(path: Any, adapter: Any, *, layout: str = "peft", module: str =
     if not isinstance(module, str) or not module or module != module.strip("."):
         raise ValueError(f"module is {module!r}; expected a dotted module path such as 'linear'")
     adapters, single = _as_mapping(adapter, module if layout == "peft" else "")
+    for m, ad in adapters.items():
+        extras = [n for n in ("magnitude", "lora_bias") if getattr(ad, n, None) is not None]
+        if extras:  # neither single-file layout has keys for them: refuse rather than drop them
+            raise ValueError(f"adapter {m or '(single)'!r} has {' and '.join(extras)}; the peft/seed adapter files "
+                             "hold A and B only. Use reflora.save_peft(directory, {module: adapter}) instead")
     save_tensors(path, _adapter_tensors(adapters, layout), metadata=_metadata_for(adapters, layout),
                  overwrite=overwrite)
 

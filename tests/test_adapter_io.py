@@ -285,3 +285,14 @@ def test_demo_layout_check_is_zero_and_can_fail(monkeypatch):
 
     monkeypatch.setattr(adapter_io, "load_adapter", lossy)
     assert adapter_io.layouts_roundtrip_error(ad, x) > 0.0
+
+
+def test_save_adapter_refuses_what_the_layouts_cannot_hold(tmp_path):
+    rng = np.random.default_rng(9)
+    A, B = rng.standard_normal((2, 6)), rng.standard_normal((4, 2))
+    for extra in ({"magnitude": np.ones(4)}, {"lora_bias": np.ones(4)}):
+        ad = LoraAdapter.from_arrays(A, B, alpha=2.0, **extra)
+        for layout in ("peft", "seed"):
+            with pytest.raises(ValueError, match=f"{next(iter(extra))}.*save_peft"):
+                save_adapter(tmp_path / "x.safetensors", ad, layout=layout)
+    assert not (tmp_path / "x.safetensors").exists()

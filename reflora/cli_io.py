@@ -117,6 +117,11 @@ def inspect_path(path: str, *, layout: str | None = None, alpha: float | None = 
                       "scale": ad.scale if alpha_known else None, "params": ad.num_params(),
                       "norm_A": _fro(ad.A), "norm_B": _fro(ad.B), "norm_sBA": s_ba}
     _table(rows, out)
+    for m, ad in adapters.items():
+        extras = [n for n in ("magnitude", "lora_bias") if getattr(ad, n, None) is not None]
+        if extras:  # counted in num_params(); |s B A|_F above is the plain LoRA update only
+            print(f"  {m}: also has {' and '.join(extras)} (O,)" + (" - DoRA: the update is not s B A alone"
+                                                                       if "magnitude" in extras else ""), file=out)
     print(f"parameters: {total}", file=out)
     if not alpha_known:
         print("alpha: unknown (the file has no reflora config); pass --alpha for the scale and |s B A|_F", file=out)

@@ -104,3 +104,12 @@ def test_convert_round_trips(tmp_path, capsys):
     assert got.scale == 2.0
     assert set(reflora.load_tensors(tmp_path / "b.safetensors")[0]) == {"base_model.model.fc.lora_A.weight",
                                                                          "base_model.model.fc.lora_B.weight"}
+
+
+def test_inspect_flags_dora_and_lora_bias(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    A, B = rng.standard_normal((2, 6)), rng.standard_normal((4, 2))
+    reflora.save_peft(tmp_path, {"fc": LoraAdapter.from_arrays(A, B, alpha=2.0, magnitude=np.ones(4))})
+    assert main(["inspect", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "fc: also has magnitude (O,)" in text and "parameters: 24" in text

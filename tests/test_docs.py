@@ -180,6 +180,14 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert "docs" in cmd, f"the test command {cmd!r} must install the docs extra (the docs build is a test)"
 
 
+def test_getting_started_shows_the_readme_commands_verbatim():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    page = (DOCS / "getting-started.md").read_text(encoding="utf-8")
+    for cmd in ("pip install -e . && reflora demo", _readme_test_command()):
+        assert cmd in readme, f"README.md lacks {cmd!r}"
+        assert f"```bash\n{cmd}\n```" in page, f"docs/getting-started.md lacks the README's command {cmd!r}"
+
+
 def test_docs_extra_lists_what_mkdocs_yml_uses():
     import configparser
 

@@ -199,8 +199,8 @@ def _compare(name: str, cand: Any, ref: np.ndarray, emul: np.ndarray, mag: float
     rel = err / top if top > 0 else float("inf")
     count = int(np.sum(diff > bound))
     raise _Fail(
-        f"{label} is wrong: max abs error {err:.4g} at index {idx} (candidate {h[idx]:.6g}, reference "
-        f"{ref[idx]:.6g}); relative to max|{name}| = {top:.4g}: {rel:.3g}; {count} of {diff.size} elements "
+        f"{label} is wrong: max abs error {err:.4g} at index {idx} (candidate {float(h[idx])!r}, reference "
+        f"{float(ref[idx])!r}); relative to max|{name}| = {top:.4g}: {rel:.3g}; {count} of {diff.size} elements "
         f"outside the tolerance\n"
         f"  tolerance {bound:.4g} = k {tol.k:g} x emulated {dtype} error {emul_err:.4g} + floor_rel {tol.floor_rel:.3g}"
         f" x max|terms| {mag:.4g} + floor_abs {tol.floor_abs:.3g} (accumulate {policy.accumulate})")
@@ -389,7 +389,8 @@ def _pair(label: str, y: np.ndarray, y2: np.ndarray, bound: float) -> float:
     idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
     err = float(diff[idx])
     if err > bound:
-        raise _Fail(f"{label} differs: max abs difference {err:.4g} at index {idx} ({y[idx]:.6g} vs {y2[idx]:.6g}); "
+        raise _Fail(f"{label} differs: max abs difference {err:.4g} at index {idx} ({float(y[idx])!r} vs "
+                    f"{float(y2[idx])!r}); "
                     f"allowed {bound:.4g} (twice the forward's tolerance)")
     return err / bound if bound > 0 else 0.0
 
@@ -545,10 +546,11 @@ def _run(check: str, dtype: str, strategy, body: Callable, *, max_examples: int,
     result = CheckResult(check, dtype)
 
     @settings(max_examples=max_examples, derandomize=derandomize, deadline=None, database=None, print_blob=False,
-              suppress_health_check=list(HealthCheck))
+              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
     @given(strategy)
     def run(args):
-        result._note(body(*args) if isinstance(args, tuple) else body(args))
+        with np.errstate(all="ignore"):  # overflow to inf in float16 is data here, not an accident
+            result._note(body(*args) if isinstance(args, tuple) else body(args))
 
     if seed is not None and not derandomize:
         run = hseed(seed)(run)
@@ -596,8 +598,8 @@ def check_forward(forward: Callable, *, dtype: str = "float32", max_examples: in
     Example:
       >>> import numpy as np
       >>> def fwd(x, A, B, *, scale, W=None, bias=None):
-      ...     y = scale * (x @ A.T) @ B.T
-      ...     return y if W is None else y + x @ W.T + (0 if bias is None else bias)
+      ...     y = scale * (x @ A.T) @ B.T + (0 if bias is None else bias)
+      ...     return y if W is None else y + x @ W.T
       >>> check_forward(fwd, max_examples=5).examples
       5
     """
@@ -659,7 +661,7 @@ def check_sgd(train_step: Callable, *, dtype: str = "float32", steps: int | None
     opts = strategies.sgd_options()
     if steps is not None:
         opts = opts.map(lambda o: dataclasses.replace(o, steps=int(steps)))
-    strat = st.tuples(_problems(d, dropout=False, max_size=16), opts)
+    strat = st.tuples(_problems(d, dropout=False, max_size=8, max_scale=2.0), opts)
     return _run("check_sgd", d, strat,
                 lambda p, o: check_sgd_problem(train_step, p, o, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed)

@@ -173,6 +173,18 @@ def _f64(a):
     return None if a is None else np.asarray(a).astype(np.float64)
 
 
+def _quiet(fn):
+    """Run an emulation with NumPy's floating-point warnings off (overflow to inf is data here)."""
+    import functools  # noqa: PLC0415
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_quiet
 def emulate_forward(x, A, B, *, scale, W=None, bias=None, dropout_mask=None, dtype, accumulate="float32"):
     """The forward with every input, intermediate and output rounded to ``dtype``.
 
@@ -213,6 +225,7 @@ def emulate_forward(x, A, B, *, scale, W=None, bias=None, dropout_mask=None, dty
     return y.reshape(lead + (B.shape[0],))
 
 
+@_quiet
 def emulate_backward(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None, dtype, accumulate="float32"):
     """The backward (autograd of ``emulate_forward``'s steps) with every step rounded to ``dtype``.
 
@@ -241,6 +254,7 @@ def emulate_backward(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None
     return dx.reshape(x.shape), dA, dB
 
 
+@_quiet
 def emulate_merge(W, A, B, *, scale, dtype, accumulate="float32"):
     """W' = RN(W + RN(RN(B A) * s)) in ``dtype`` (PEFT's merge order); float64 values."""
     d, acc = dtype_name(dtype), _check_acc(accumulate)
@@ -262,6 +276,7 @@ def _sgd_update(p, g, buf, first, opt, d):
     return _rn(p - opt["lr"] * d_p, d), buf
 
 
+@_quiet
 def emulate_train(x, target, A, B, *, scale, W=None, bias=None, steps, sgd, dtype, accumulate="float32"):
     """``steps`` training steps (forward, MSE loss, backward, SGD on A and B) rounded to ``dtype``.
 

@@ -9,8 +9,9 @@ end)} (offsets relative to the data buffer, row-major, little-endian, no
 strides), plus an optional "__metadata__" object of string to string.
 
 Reading (``load_tensors``) validates the whole header *before* any tensor is
-materialised and reads the file's bytes once, so what was validated is what is
-returned (no second parse by another library, no time-of-check/time-of-use gap).
+materialised, then reads the data once through the same open file, so what was
+validated is what is returned (no second parse by another library, no
+time-of-check/time-of-use gap on the path).
 Every malformed file raises ``reflora.FormatError`` naming the file and the
 offending key; no other exception type escapes for a malformed file.
 
@@ -202,41 +203,49 @@ def _validate_header(header_bytes: bytes, data_len: int, where: str) -> tuple[li
     return entries, metadata
 
 
-def _read_exact(f, n: int, where: str, what: str) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+def _fill(f, buf: memoryview, where: str, what: str) -> None:
+    """Read exactly len(buf) bytes into buf, or raise FormatError (the file shrank while read)."""
+    n, got = len(buf), 0
     while got < n:
-        k = f.readinto(view[got:])
+        k = f.readinto(buf[got:])
         if not k:
             raise FormatError(f"{where}: file ended inside the {what} ({got} of {n} bytes; it changed while read?)")
         got += k
-    return buf
 
 
-def _read_validated(path: Any) -> tuple[list, dict[str, str], np.ndarray]:
-    """Open, validate and read a file: (entries, metadata, data buffer as uint8)."""
+def _read_validated(path: Any, *, materialise: bool = True) -> tuple[list, dict[str, str], dict[str, np.ndarray]]:
+    """Open and validate a file, then (if materialise) read each tensor into its own array.
+
+    Returns (entries in offset order, metadata, {name: NumPy array}). Tensors
+    are read sequentially in offset order (validation proved they tile the
+    data exactly), each into a fresh aligned array of exactly its size.
+    """
     where = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise FormatError(f"{where}: file has {size} bytes; expected at least 8 (the header length)")
-        (n,) = struct.unpack("<Q", _read_exact(f, 8, where, "header length"))
+        prefix = bytearray(8)
+        _fill(f, memoryview(prefix), where, "header length")
+        (n,) = struct.unpack("<Q", prefix)
         if n > MAX_HEADER_BYTES:
             raise FormatError(f"{where}: header length is {n} bytes; expected at most {MAX_HEADER_BYTES}")
         if 8 + n > size:
             raise FormatError(f"{where}: header length is {n} bytes but the file has only {size - 8} after the prefix")
-        entries, metadata = _validate_header(bytes(_read_exact(f, n, where, "header")), size - 8 - n, where)
-        data = np.empty(size - 8 - n, dtype=np.uint8)
-        got = f.readinto(memoryview(data)) if data.size else 0
-        while got < data.size:
-            k = f.readinto(memoryview(data)[got:])
-            if not k:
-                raise FormatError(f"{where}: file ended inside the data ({got} of {data.size} bytes; it changed while read?)")
-            got += k
-        if f.read(1):
-            raise FormatError(f"{where}: file grew while it was read; expected {size} bytes")
-    return entries, metadata, data
+        header = bytearray(n)
+        _fill(f, memoryview(header), where, "header")
+        entries, metadata = _validate_header(bytes(header), size - 8 - n, where)
+        arrays: dict[str, np.ndarray] = {}
+        if materialise:
+            for name, hdt, shape, begin, end in entries:
+                npdt = SAFETENSORS_DTYPES[hdt]
+                flat = np.empty((end - begin) // npdt.itemsize, dtype=npdt)
+                if flat.size:
+                    _fill(f, memoryview(flat.view(np.uint8)), where, f"data of tensor {name!r}")
+                arrays[name] = flat.reshape(shape)
+            if f.read(1):
+                raise FormatError(f"{where}: file grew while it was read; expected {size} bytes")
+    return entries, metadata, arrays
 
 
 def read_header(path: Any) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
@@ -252,7 +261,7 @@ def read_header(path: Any) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict
     Raises:
       reflora.FormatError: the file is malformed (see ``load_tensors``).
     """
-    entries, metadata, _ = _read_validated(path)
+    entries, metadata, _ = _read_validated(path, materialise=False)
     return {name: (dtype, shape) for name, dtype, shape, _, _ in entries}, metadata
 
 
@@ -281,9 +290,8 @@ def load_tensors(path: Any, *, xp: Any = None, dtype: Any = None) -> tuple[dict[
 
     Returns:
       (tensors, metadata): {name: array} in the file's offset order, and the
-      ``__metadata__`` dict ({} when absent). NumPy results are writeable
-      views into the one buffer read from the file (no per-tensor copy), so
-      keeping any of them alive keeps the whole buffer.
+      ``__metadata__`` dict ({} when absent). Each NumPy result is its own
+      writeable array, read straight from the file (no intermediate copy).
 
     Raises:
       reflora.FormatError: the file is malformed; the message names the file and key.
@@ -305,15 +313,11 @@ def load_tensors(path: Any, *, xp: Any = None, dtype: Any = None) -> tuple[dict[
         upcast = floats.get(dtype_name(dtype))
         if upcast is None:
             raise TypeError(f"dtype is {dtype!r}; expected a floating dtype such as 'float64' (one of {sorted(floats)})")
-    entries, metadata, data = _read_validated(path)
+    entries, metadata, arrays = _read_validated(path)
     out = {}
-    for name, hdt, shape, begin, end in entries:
-        npdt = SAFETENSORS_DTYPES[hdt]
-        if begin % npdt.alignment == 0:
-            arr = data[begin:end].view(npdt).reshape(shape)  # a view into the one buffer read
-        else:  # unaligned in the file: copy so the array is aligned
-            arr = np.frombuffer(data[begin:end].tobytes(), dtype=npdt).reshape(shape)
-        if upcast is not None and hdt in _FLOAT_NAMES:
+    for name, hdt, _, _, _ in entries:
+        arr = arrays[name]
+        if upcast is not None and hdt in _FLOAT_NAMES and arr.dtype != upcast:
             arr = arr.astype(upcast)
         out[name] = arr
     if target is None:

@@ -260,6 +260,13 @@ def read_header(path: Any) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict
 
     Raises:
       reflora.FormatError: the file is malformed (see ``load_tensors``).
+
+    Example:
+      >>> import numpy as np, tempfile, os
+      >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+      >>> save_tensors(p, {"w": np.zeros((2, 3), dtype=np.float16)}, metadata={"format": "pt"})
+      >>> read_header(p)
+      ({'w': ('F16', (2, 3))}, {'format': 'pt'})
     """
     entries, metadata, _ = _read_validated(path, materialise=False)
     return {name: (dtype, shape) for name, dtype, shape, _, _ in entries}, metadata

@@ -218,3 +218,10 @@ def save_seed_keys_as_peft(path, A, B):
 def load_transposed(path):
     a, b = load(path)
     return a.T.contiguous(), b.T.contiguous()
+
+
+#: float32 only, everything provided (the suite's end-to-end test)
+candidate_f32 = types.SimpleNamespace(**{**vars(candidate), "dtypes": ("float32",)})
+
+#: candle-lora's scale-on-base bug, with a correct backward
+mutant_candidate = types.SimpleNamespace(forward=fwd_scale_on_base, backward=backward, dtypes=("float32",), to="torch")

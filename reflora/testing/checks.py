@@ -539,14 +539,15 @@ def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *,
 
 
 def _run(check: str, dtype: str, strategy, body: Callable, *, max_examples: int, derandomize: bool,
-         seed: int | None) -> CheckResult:
-    from hypothesis import HealthCheck, given, settings  # noqa: PLC0415
+         seed: int | None, shrink: bool = True) -> CheckResult:
+    from hypothesis import HealthCheck, Phase, given, settings  # noqa: PLC0415
     from hypothesis import seed as hseed  # noqa: PLC0415
 
     result = CheckResult(check, dtype)
 
     @settings(max_examples=max_examples, derandomize=derandomize, deadline=None, database=None, print_blob=False,
-              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+              suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
+              phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else []))
     @given(strategy)
     def run(args):
         with np.errstate(all="ignore"):  # overflow to inf in float16 is data here, not an accident
@@ -573,7 +574,7 @@ def _problems(dtype, **kw):
 
 def check_forward(forward: Callable, *, dtype: str = "float32", max_examples: int = 100, derandomize: bool = False,
                   seed: int | None = None, policy: TolerancePolicy | None = None, to: Any = None,
-                  dropout: bool | None = None, check_dtype: bool = True, max_size: int = 32) -> CheckResult:
+                  dropout: bool | None = None, check_dtype: bool = True, max_size: int = 32, shrink: bool = True) -> CheckResult:
     """Check a candidate forward(x, A, B, *, scale, W=None, bias=None) -> y on ``max_examples`` problems.
 
     Passes when, for every problem, max|y_cand - y_ref64| <= k max|y_emul - y_ref64| + floor
@@ -583,6 +584,7 @@ def check_forward(forward: Callable, *, dtype: str = "float32", max_examples: in
       forward: the candidate (see the module docstring for the protocol).
       dtype: the dtype the candidate computes in: "float32", "float16", "bfloat16" or "float64".
       max_examples, derandomize, seed: hypothesis settings (``seed`` fixes a randomized run).
+      shrink: shrink a failure to the smallest failing problem (default; False reports the first found).
       policy: a ``TolerancePolicy`` (default k = 2, float32 accumulation).
       to: how arrays reach the candidate ("numpy", "torch", "jax", "cupy", or a callable).
       dropout: test dropout masks; None = when forward has a ``dropout_mask`` parameter.
@@ -608,12 +610,12 @@ def check_forward(forward: Callable, *, dtype: str = "float32", max_examples: in
     strat = _problems(d, dropout=None if use_dropout else False, max_size=max_size)
     return _run("check_forward", d, strat,
                 lambda p: check_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed)
+                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_backward(backward: Callable, *, dtype: str = "float32", max_examples: int = 100, derandomize: bool = False,
                    seed: int | None = None, policy: TolerancePolicy | None = None, to: Any = None,
-                   dropout: bool | None = None, check_dtype: bool = True, max_size: int = 32) -> CheckResult:
+                   dropout: bool | None = None, check_dtype: bool = True, max_size: int = 32, shrink: bool = True) -> CheckResult:
     """Check a candidate backward(x, A, B, dy, *, scale, W=None, bias=None) -> (dx, dA, dB).
 
     dx (..., I), dA (R, I), dB (O, R) are the gradients of sum(y * dy), summed
@@ -625,13 +627,13 @@ def check_backward(backward: Callable, *, dtype: str = "float32", max_examples: 
     strat = _problems(d, dropout=None if use_dropout else False, max_size=max_size)
     return _run("check_backward", d, strat,
                 lambda p: check_backward_problem(backward, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed)
+                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_metamorphic(forward: Callable, *, merge: Callable | None = None, dtype: str = "float32",
                       max_examples: int = 50, derandomize: bool = False, seed: int | None = None,
                       policy: TolerancePolicy | None = None, to: Any = None, dropout: bool | None = None,
-                      check_dtype: bool = True) -> CheckResult:
+                      check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check the metamorphic properties of a forward (and a merge, if given); see
     ``check_metamorphic_problem``. Arguments as ``check_forward``."""
     d = _dtype(dtype)
@@ -640,12 +642,12 @@ def check_metamorphic(forward: Callable, *, merge: Callable | None = None, dtype
     return _run("check_metamorphic", d, strat,
                 lambda p: check_metamorphic_problem(forward, p, merge=merge, policy=policy, to=to,
                                                     check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed)
+                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_sgd(train_step: Callable, *, dtype: str = "float32", steps: int | None = None, max_examples: int = 50,
               derandomize: bool = False, seed: int | None = None, policy: TolerancePolicy | None = None,
-              to: Any = None, check_dtype: bool = True) -> CheckResult:
+              to: Any = None, check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check a candidate training step (forward, MSE, backward, torch.optim.SGD) over several steps.
 
     Args:
@@ -664,23 +666,23 @@ def check_sgd(train_step: Callable, *, dtype: str = "float32", steps: int | None
     strat = st.tuples(_problems(d, dropout=False, max_size=8, max_scale=2.0), opts)
     return _run("check_sgd", d, strat,
                 lambda p, o: check_sgd_problem(train_step, p, o, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed)
+                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_merge(merge: Callable, *, dtype: str = "float32", max_examples: int = 50, derandomize: bool = False,
                 seed: int | None = None, policy: TolerancePolicy | None = None, to: Any = None,
-                check_dtype: bool = True) -> CheckResult:
+                check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check a candidate merge(W, A, B, *, scale) -> W + s B A (O, I). Arguments as ``check_forward``."""
     d = _dtype(dtype)
     strat = _problems(d, W=True, dropout=False)
     return _run("check_merge", d, strat,
                 lambda p: check_merge_problem(merge, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed)
+                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_roundtrip(save: Callable, load: Callable, *, dtype: str = "float32", layout: str | None = None,
                     max_examples: int = 20, derandomize: bool = False, seed: int | None = None,
-                    to: Any = None) -> CheckResult:
+                    to: Any = None, shrink: bool = True) -> CheckResult:
     """Check save(path, A, B) / load(path) -> (A, B): bit-exact, and readable by reflora in ``layout``.
 
     See ``check_roundtrip_problem``; other arguments as ``check_forward``.
@@ -689,7 +691,7 @@ def check_roundtrip(save: Callable, load: Callable, *, dtype: str = "float32", l
     strat = _problems(d, W=False, bias=False, dropout=False, max_size=16)
     return _run("check_roundtrip", d, strat,
                 lambda p: check_roundtrip_problem(save, load, p, layout=layout, to=to),
-                max_examples=max_examples, derandomize=derandomize, seed=seed)
+                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 SCALE_GRID = tuple((r, alpha, rs) for r in (1, 2, 3, 4, 8, 16, 64) for alpha in (1.0, 8.0, 16.0, 32.0)

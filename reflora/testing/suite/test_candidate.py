@@ -1,0 +1,67 @@
+"""The conformance tests run against $REFLORA_CANDIDATE (see the package docstring)."""
+
+from __future__ import annotations
+
+import pytest
+
+import reflora.testing as rt
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _kw(candidate, options, default_examples):
+    kw = {"max_examples": options["max_examples"] or default_examples, "derandomize": options["derandomize"],
+          "to": candidate.to}
+    return kw
+
+
+def _policy(candidate):
+    return {"policy": candidate.policy} if candidate.policy is not None else {}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward(candidate, options, dtype):
+    (forward,) = candidate.require("forward")
+    candidate.require_dtype(dtype)
+    rt.check_forward(forward, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward(candidate, options, dtype):
+    (backward,) = candidate.require("backward")
+    candidate.require_dtype(dtype)
+    rt.check_backward(backward, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_metamorphic(candidate, options, dtype):
+    (forward,) = candidate.require("forward")
+    candidate.require_dtype(dtype)
+    rt.check_metamorphic(forward, merge=candidate.fns.get("merge"), dtype=dtype, **_kw(candidate, options, 50),
+                         **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_train_step(candidate, options, dtype):
+    (train_step,) = candidate.require("train_step")
+    candidate.require_dtype(dtype)
+    rt.check_sgd(train_step, dtype=dtype, **_kw(candidate, options, 50), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge(candidate, options, dtype):
+    (merge,) = candidate.require("merge")
+    candidate.require_dtype(dtype)
+    rt.check_merge(merge, dtype=dtype, **_kw(candidate, options, 50), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roundtrip(candidate, options, dtype):
+    save, load = candidate.require("save", "load")
+    candidate.require_dtype(dtype)
+    rt.check_roundtrip(save, load, dtype=dtype, layout=candidate.layout, **_kw(candidate, options, 10))
+
+
+def test_scaling(candidate):
+    (scaling,) = candidate.require("scaling")
+    rt.check_scale(scaling)

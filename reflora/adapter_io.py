@@ -502,6 +502,11 @@ def _read_peft_config(directory: str, *, allow: tuple[str, ...] = ()) -> dict[st
         if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                               for x in v.values()):
             raise FormatError(f"{path}: {field} is {v!r}; expected an object of pattern -> number")
+        for p in v:
+            try:
+                re.compile(rf"(.*\.)?({p})$")  # as PEFT's get_pattern_key uses it
+            except re.error as exc:
+                raise FormatError(f"{path}: {field} key {p!r} is not a valid regular expression ({exc})") from None
         cfg[field] = v
     for field in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(cfg.get(field, False), bool):

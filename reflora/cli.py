@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "reflora.demo",
     "reflora.cli_io",
     "reflora.cli_merge",
+    "reflora.cli_golden",
 )
 
 

@@ -1,0 +1,292 @@
+"""Golden vectors: LoRA cases on disk for implementations that cannot import Python.
+
+    reflora golden write DIR                      write the cases and DIR/manifest.json
+    reflora golden check DIR --results RESULTS    grade RESULTS/<case>.safetensors; exit 1 on any failure
+
+File format (version 1)
+-----------------------
+``DIR/manifest.json``::
+
+    {"format": "reflora-golden", "version": 1, "reflora": "0.1.0",
+     "policy": {...the TolerancePolicy the tolerances were derived with...},
+     "cases": [{"name": "03_float16_seed_rank_gt_in", "file": "03_float16_seed_rank_gt_in.safetensors",
+                "dtype": "float16", "layout": "seed", "lead": [2, 3], "I": 5, "O": 7, "R": 8,
+                "alpha": 8.0, "use_rslora": true, "scale": 2.828...,
+                "sgd": {"lr": ..., "momentum": ..., "dampening": ..., "weight_decay": ...,
+                        "nesterov": ..., "maximize": ..., "steps": 3},
+                "inputs": ["x", "lora_a", "lora_b", "W", "dropout_mask", "dy", "target"],
+                "outputs": {"y": {"shape": [2, 3, 7], "tolerance": 0.0123}, ...}}, ...]}
+
+``DIR/<case>.safetensors`` (metadata {"reflora_golden": "1", "case": name}) holds
+the inputs in the case's dtype (F32, F16, BF16 or F64) and the expected outputs
+in F64 (the float64 reference from exactly those inputs). Row-major, as
+safetensors always is. Legend: N rows = prod(lead), I in, O out, R rank.
+
+    tensor           dtype  shape            meaning
+    x                case   (*lead, I)       input (lead may be empty: x is (I,))
+    lora_A / lora_a  case   (R, I) / (I, R)  layout "peft": A as PEFT stores it;
+                                             layout "seed": a = A^T (the seed's candle layout)
+    lora_B / lora_b  case   (O, R) / (R, O)  "peft": B; "seed": b = B^T
+    W                case   (O, I)           frozen base weight (absent: no base path)
+    bias             case   (O,)             frozen base bias (absent: none)
+    dropout_mask     case   (*lead, I)       inverted-dropout mask, 0 or 1/(1-p), LoRA branch only
+                                             (absent: no dropout)
+    dy               case   (*lead, O)       upstream gradient dL/dy for the backward
+    target           case   (*lead, O)       regression target of the training steps
+    y                F64    (*lead, O)       y = x W^T + bias + s ((x * m) A^T) B^T
+                                             ("seed": s (x * m) a b + ...)
+    dx               F64    (*lead, I)       gradient of sum(y * dy) with respect to x
+    d_lora_A / _a    F64    like lora_A/_a   its gradient, summed over all rows, in the file's layout
+    d_lora_B / _b    F64    like lora_B/_b
+    sgd.lora_A / _a  F64    like lora_A/_a   A (or a) after sgd.steps steps of: y = forward WITHOUT the
+    sgd.lora_B / _b  F64    like lora_B/_b   dropout mask, L = mean((y - target)^2), backward,
+                                             torch.optim.SGD with the case's options on A and B only
+
+An implementation under test reads the inputs, computes in the case's dtype
+and writes ``RESULTS/<case name>.safetensors`` holding tensors with the output
+names above (y, dx, d_lora_*, sgd.lora_*; any floating dtype, compared in
+float64). ``check`` passes a tensor when max|result - expected| <= its
+``tolerance`` (absolute), derived as in ``reflora.testing.tolerance``:
+k max|emulated dtype reference - float64 reference| + floor_rel max|terms| + floor_abs.
+A missing results file or tensor is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from ..core import lora_backward, lora_forward
+from ..safetensors_io import load_tensors, save_tensors
+from .checks import _f64
+from .problems import Problem, SGDOptions
+from .tolerance import (TolerancePolicy, emulate_backward, emulate_forward, emulate_train, magnitude_backward,
+                        magnitude_forward)
+
+__all__ = ["FORMAT", "VERSION", "check_golden", "golden_cases", "write_golden"]
+
+FORMAT = "reflora-golden"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+#: (tag, lead, I, O, R, alpha, use_rslora, W, bias, dropout, SGDOptions)
+_SHAPES = (
+    ("base_bias_momentum", (3,), 8, 6, 2, 16.0, False, True, True, 0.0,
+     SGDOptions(lr=0.01, momentum=0.9, dampening=0.1, steps=3)),
+    ("rank_gt_in_dropout", (2, 3), 5, 7, 8, 8.0, True, True, False, 0.5,
+     SGDOptions(lr=0.01, momentum=0.5, nesterov=True, weight_decay=0.01, steps=3)),
+    ("vector_x_no_base", (), 4, 3, 1, 1.0, False, False, True, 0.0,
+     SGDOptions(lr=0.003, maximize=True, steps=2)),
+)
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_LAYOUTS = ("peft", "seed")
+_NAMES = {"peft": ("lora_A", "lora_B"), "seed": ("lora_a", "lora_b")}
+
+
+def golden_cases(seed: int = 0) -> list[dict[str, Any]]:
+    """The case descriptions ``write_golden`` writes (every dtype x layout x shape)."""
+    cases = []
+    for d in _DTYPES:
+        for layout in _LAYOUTS:
+            for tag, lead, I, O, R, alpha, rs, W, bias, p, sgd in _SHAPES:
+                scale = alpha / (math.sqrt(R) if rs else R)
+                cases.append({
+                    "name": f"{len(cases):02d}_{d}_{layout}_{tag}", "dtype": d, "layout": layout,
+                    "problem": Problem(lead=lead, I=I, O=O, R=R, dtype=d, seed=seed + len(cases), scale=scale,
+                                       W=W, bias=bias, dropout=p),
+                    "alpha": alpha, "use_rslora": rs, "sgd": sgd})
+    return cases
+
+
+def _t(a: np.ndarray, layout: str) -> np.ndarray:
+    return np.ascontiguousarray(a.T) if layout == "seed" else a
+
+
+def write_golden(directory: str, *, seed: int = 0, policy: TolerancePolicy | None = None) -> list[str]:
+    """Write every golden case and ``manifest.json`` into ``directory`` (created if needed).
+
+    Args:
+      directory: destination folder.
+      seed: base seed of the cases' arrays.
+      policy: the TolerancePolicy the tolerances are derived with (default k = 2).
+
+    Returns:
+      The case names written.
+
+    Example:
+      >>> import tempfile
+      >>> names = write_golden(tempfile.mkdtemp())
+      >>> names[0]
+      '00_float32_peft_base_bias_momentum'
+    """
+    policy = TolerancePolicy() if policy is None else policy
+    os.makedirs(directory, exist_ok=True)
+    entries = []
+    for case in golden_cases(seed):
+        p, layout, d = case["problem"], case["layout"], case["dtype"]
+        nA, nB = _NAMES[layout]
+        a = p.arrays()
+        f = {k: _f64(v) for k, v in a.items()}
+        s = p.scale
+        tensors = {"x": a["x"], nA: _t(a["A"], layout), nB: _t(a["B"], layout), "dy": a["dy"], "target": a["target"]}
+        for k in ("W", "bias", "dropout_mask"):
+            if a[k] is not None:
+                tensors[k] = a[k]
+        with np.errstate(all="ignore"):
+            y, cache = lora_forward(f["x"], f["A"], f["B"], scale=s, W=f["W"], bias=f["bias"],
+                                    dropout_mask=f["dropout_mask"])
+            g = lora_backward(f["dy"], cache)
+            ey = emulate_forward(a["x"], a["A"], a["B"], scale=s, W=a["W"], bias=a["bias"],
+                                 dropout_mask=a["dropout_mask"], dtype=d, accumulate=policy.accumulate)
+            eg = emulate_backward(a["x"], a["A"], a["B"], a["dy"], scale=s, W=a["W"], dropout_mask=a["dropout_mask"],
+                                  dtype=d, accumulate=policy.accumulate)
+            my = magnitude_forward(f["x"], f["A"], f["B"], scale=s, W=f["W"], bias=f["bias"],
+                                   dropout_mask=f["dropout_mask"])
+            mg = magnitude_backward(f["x"], f["A"], f["B"], f["dy"], scale=s, W=f["W"], dropout_mask=f["dropout_mask"])
+            sgd = case["sgd"]
+            ref_A, ref_B = _reference_train(f, s, sgd)
+            et = emulate_train(a["x"], a["target"], a["A"], a["B"], scale=s, W=a["W"], bias=a["bias"],
+                               steps=sgd.steps, sgd=sgd.as_kwargs(), dtype=d, accumulate=policy.accumulate)[-1]
+        outputs: dict[str, Any] = {}
+
+        def add(name, tensor_kind, ref, emul, mag, layout_t=False):
+            tol = policy.tolerance(tensor_kind, d)
+            err = float(np.max(np.abs(emul - ref))) if ref.size else 0.0
+            arr = _t(np.asarray(ref, dtype=np.float64), layout) if layout_t else np.asarray(ref, dtype=np.float64)
+            tensors[name] = arr
+            outputs[name] = {"shape": list(arr.shape), "tolerance": tol.bound(err, mag), "from": tensor_kind}
+
+        add("y", "y", y, ey, my)
+        add("dx", "dx", g.dx, eg[0], mg["dx"])
+        add("d_" + nA, "dA", g.dA, eg[1], mg["dA"], layout_t=True)
+        add("d_" + nB, "dB", g.dB, eg[2], mg["dB"], layout_t=True)
+        steps = sgd.steps
+        add("sgd." + nA, "A", ref_A, et[0], steps * max(np.max(np.abs(f["A"])), np.max(np.abs(ref_A))), layout_t=True)
+        add("sgd." + nB, "B", ref_B, et[1], steps * max(np.max(np.abs(f["B"])), np.max(np.abs(ref_B))), layout_t=True)
+        fname = case["name"] + ".safetensors"
+        save_tensors(os.path.join(directory, fname), tensors,
+                     metadata={"reflora_golden": str(VERSION), "case": case["name"]})
+        entries.append({
+            "name": case["name"], "file": fname, "dtype": d, "layout": layout, "lead": list(p.lead),
+            "I": p.I, "O": p.O, "R": p.R, "alpha": case["alpha"], "use_rslora": case["use_rslora"], "scale": s,
+            "sgd": {**sgd.as_kwargs(), "steps": sgd.steps},
+            "inputs": [k for k in ("x", nA, nB, "W", "bias", "dropout_mask", "dy", "target") if k in tensors],
+            "outputs": outputs})
+    from .. import __version__  # noqa: PLC0415
+
+    manifest = {"format": FORMAT, "version": VERSION, "reflora": __version__, "policy": policy.to_dict(),
+                "cases": entries}
+    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.write("\n")
+    return [e["name"] for e in entries]
+
+
+def _reference_train(f: dict, s: float, sgd: SGDOptions) -> tuple[np.ndarray, np.ndarray]:
+    from ..core import mse_loss  # noqa: PLC0415
+    from ..sgd import SGD  # noqa: PLC0415
+
+    opt = SGD(**sgd.as_kwargs())
+    params = {"A": f["A"], "B": f["B"]}
+    state = opt.init(params)
+    for _ in range(sgd.steps):
+        y, cache = lora_forward(f["x"], params["A"], params["B"], scale=s, W=f["W"], bias=f["bias"])
+        _, dy = mse_loss(y, f["target"])
+        g = lora_backward(dy, cache)
+        params, state = opt.step(params, {"A": g.dA, "B": g.dB}, state)
+    return params["A"], params["B"]
+
+
+def _read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist; expected a folder written by `reflora golden write`") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{path} has format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+                         f"expected {FORMAT!r} version {VERSION}")
+    return manifest
+
+
+def check_golden(directory: str, results: str) -> tuple[list[dict], bool]:
+    """Grade the results of an implementation against the golden cases.
+
+    Args:
+      directory: a folder written by ``write_golden``.
+      results: a folder holding ``<case name>.safetensors`` result files.
+
+    Returns:
+      (rows, ok): one row per case {"case", "status", "worst", "err", "tolerance", "failures"}, and
+      whether every case passed.
+
+    Raises:
+      ValueError: the golden folder is missing or not this format.
+    """
+    manifest = _read_manifest(directory)
+    rows, ok = [], True
+    for case in manifest["cases"]:
+        golden, _ = load_tensors(os.path.join(directory, case["file"]), xp="numpy")
+        path = os.path.join(results, case["name"] + ".safetensors")
+        row = {"case": case["name"], "status": "ok", "worst": "-", "err": 0.0, "tolerance": 0.0, "ratio": 0.0,
+               "failures": []}
+        if not os.path.exists(path):
+            row.update(status="FAIL", failures=[f"missing results file {path}"])
+            rows.append(row)
+            ok = False
+            continue
+        try:
+            got, _ = load_tensors(path, xp="numpy")
+        except ValueError as exc:
+            row.update(status="FAIL", failures=[f"unreadable: {exc}"])
+            rows.append(row)
+            ok = False
+            continue
+        for name, spec in case["outputs"].items():
+            want = np.asarray(golden[name], dtype=np.float64)
+            if name not in got:
+                row["failures"].append(f"{name}: missing")
+                continue
+            have = np.asarray(got[name]).astype(np.float64)
+            if list(have.shape) != spec["shape"]:
+                row["failures"].append(f"{name}: shape {list(have.shape)}; expected {spec['shape']}")
+                continue
+            tol = float(spec["tolerance"])
+            with np.errstate(invalid="ignore"):
+                diff = np.abs(have - want)
+            if want.size and np.isnan(diff).any():
+                row["failures"].append(f"{name}: NaN/Inf where the expected value is finite")
+                continue
+            err = float(np.max(diff)) if want.size else 0.0
+            ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
+            if ratio >= row["ratio"]:
+                row.update(worst=name, err=err, tolerance=tol, ratio=ratio)
+            if err > tol:
+                idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
+                row["failures"].append(f"{name}: max abs error {err:.3g} at {idx} > tolerance {tol:.3g}")
+        if row["failures"]:
+            row["status"] = "FAIL"
+            ok = False
+        rows.append(row)
+    return rows, ok
+
+
+def format_table(rows: list[dict]) -> str:
+    """The per-case table ``reflora golden check`` prints."""
+    width = max([len(r["case"]) for r in rows] + [4])
+    lines = [f"{'case':<{width}}  status  {'worst tensor':<14} {'max abs err':>11}  {'tolerance':>10}  err/tol"]
+    for r in rows:
+        lines.append(f"{r['case']:<{width}}  {r['status']:<6}  {r['worst']:<14} {r['err']:>11.3g}  "
+                     f"{r['tolerance']:>10.3g}  {r['ratio']:.3f}")
+        for f in r["failures"]:
+            lines.append(f"{'':<{width}}    - {f}")
+    n_bad = sum(r["status"] != "ok" for r in rows)
+    lines.append(f"{len(rows) - n_bad} of {len(rows)} cases pass" + (f"; {n_bad} FAIL" if n_bad else ""))
+    return "\n".join(lines)

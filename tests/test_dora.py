@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import reflora
@@ -74,6 +74,9 @@ def _run(xp, p, mode):
 @fixture_ok
 @given(problems())
 def test_exact_mode_matches_finite_differences(xp, p):
+    # finite differences lose their digits where g = m / n blows up (rounding noise ~ 1e-16 g / h):
+    # keep the row norms away from 0 (the zero-norm case is an error, tested below)
+    assume(np.linalg.norm(p["W"] + p["scale"] * p["B"] @ p["A"], axis=1).min() > 0.1)
     _, g = _run(xp, p, "exact")
 
     def loss(**o):
@@ -89,8 +92,9 @@ def test_exact_mode_matches_finite_differences(xp, p):
 @fixture_ok
 @given(problems())
 def test_detached_mode_is_the_gradient_with_the_norm_frozen(xp, p):
-    _, g = _run(xp, p, "detached")
     n = np.linalg.norm(p["W"] + p["scale"] * p["B"] @ p["A"], axis=1)
+    assume(n.min() > 0.1)  # as above: finite differences need g = m / n moderate
+    _, g = _run(xp, p, "detached")
 
     def loss(**o):
         return float(np.sum(frozen_norm_forward(p, n, **o) * p["G"]))

@@ -69,7 +69,8 @@ def test_growing_pads_with_zeros_and_keeps_the_output(xp, case):
     x = xp.asarray(np.random.default_rng(0).standard_normal((5, A.shape[1])))
     y0, _ = lora_forward(x, xp.asarray(A), xp.asarray(B), scale=s)
     y1, _ = lora_forward(x, r.A, r.B, scale=s)
-    assert_close(y1, y0, name="y after growing", rel=1e-15)
+    # zero terms change the summation order only: the same value up to rounding of O(1) products
+    assert_close(y1, y0, name="y after growing", rel=1e-15, atol=1e-14)
 
 
 def test_rslora_scale_follows_the_rank():

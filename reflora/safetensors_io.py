@@ -15,8 +15,9 @@ time-of-check/time-of-use gap on the path).
 Every malformed file raises ``reflora.FormatError`` naming the file and the
 offending key; no other exception type escapes for a malformed file.
 
-Writing (``save_tensors``) goes through ``safetensors.serialize_file`` (the
-reference writer: byte-identical output), with two guards the package lacks:
+Writing (``save_tensors``) lays the file out exactly as the safetensors
+package's writer does (tensor order, compact JSON, padding; the tests compare
+bytes with ``safetensors.serialize``), with three guards the package lacks:
 
   * every array is made C-contiguous and little-endian first. safetensors 0.8's
     NumPy writer passes ``arr.ctypes.data`` and ``arr.nbytes`` to Rust, so a
@@ -25,6 +26,8 @@ reference writer: byte-identical output), with two guards the package lacks:
   * the file is written to a temporary file in the same folder, fsynced and
     ``os.replace``d over the target: a failure mid-write leaves an existing
     file untouched and no temporary file behind.
+  * metadata keys are written sorted, so the same input gives the same bytes
+    (the package orders two or more keys by a randomly seeded hash map).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from typing import Any, Mapping
 import array_api_compat
 import ml_dtypes
 import numpy as np
-import safetensors
 
 from ._errors import FormatError
 from .backend import _normalize_xp, asarray, dtype_name, to_numpy
@@ -77,7 +79,7 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
 }
 _SUB_BYTE = ("F4", "F6_E2M3", "F6_E3M2")
-# The dtype strings safetensors.TensorSpec takes are NumPy's dtype names ("float32", "bfloat16").
+# NumPy dtype names ("float32", "bfloat16") of the writable dtypes.
 _SPEC_NAMES = frozenset(dt.name for dt in SAFETENSORS_DTYPES.values())
 _FLOAT_NAMES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0")
 
@@ -375,7 +377,7 @@ def _atomic_write(path: Any, write_to: Any, *, overwrite: bool) -> None:
     try:
         mode = os.stat(tmp).st_mode & 0o777
         write_to(tmp)
-        os.chmod(tmp, mode)  # the writer may recreate the file with 0o600
+        os.chmod(tmp, mode)  # in case the writer recreated the file (safetensors' own writer uses 0o600)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -407,6 +409,47 @@ def _atomic_write(path: Any, write_to: Any, *, overwrite: bool) -> None:
         os.close(dfd)
 
 
+#: The reference writer's dtype order (safetensors' Dtype enum); files list larger ranks first.
+_WRITE_RANK = {h: i for i, h in enumerate(
+    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16",
+     "I32", "U32", "F32", "C64", "F64", "I64", "U64"])}
+_HEADER_NAME = {dt.name: h for h, dt in SAFETENSORS_DTYPES.items()}
+
+
+def _write_order(host: Mapping[str, np.ndarray]) -> list[str]:
+    """Tensor names in the reference writer's order: dtype rank descending, then name (code points)."""
+    return sorted(host, key=lambda n: (-_WRITE_RANK[_HEADER_NAME[host[n].dtype.name]], n))
+
+
+def _header_bytes(host: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> bytes:
+    """u64 length + the JSON header exactly as safetensors' writer lays it out.
+
+    Compact JSON, ``__metadata__`` first, entries in ``_write_order`` with keys
+    dtype, shape, data_offsets, padded with spaces to a multiple of 8. Unlike
+    the package (a hash map), metadata keys are sorted: the same input always
+    gives the same bytes.
+    """
+    parts = {}
+    if metadata is not None:
+        parts["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for name in _write_order(host):
+        a = host[name]
+        parts[name] = {"dtype": _HEADER_NAME[a.dtype.name], "shape": list(a.shape),
+                       "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(parts, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _write_all(f, buf: memoryview) -> None:
+    """Write every byte of buf (a raw file may accept fewer bytes per call)."""
+    n, done = len(buf), 0
+    while done < n:
+        done += f.write(buf[done:])
+
+
 def save_tensors(path: Any, tensors: Mapping[str, Any], *, metadata: Mapping[str, str] | None = None,
                  overwrite: bool = True) -> None:
     """Write arrays to a safetensors file, exactly and atomically.
@@ -414,8 +457,9 @@ def save_tensors(path: Any, tensors: Mapping[str, Any], *, metadata: Mapping[str
     Every array is first made host-resident (CuPy via ``.get()``), C-contiguous
     and little-endian, so views (transposes, slices, reversed or broadcast
     arrays) are written as their values, never as their raw buffers. Bytes are
-    those of the reference writer (``safetensors.serialize_file``): tensors
-    ordered by dtype size then name, header padded to a multiple of 8.
+    those of the reference writer (``safetensors.serialize``): tensors ordered
+    by dtype (wider first) then name, header padded to a multiple of 8, with
+    metadata keys sorted so that equal inputs give equal files.
 
     Args:
       path: destination file.
@@ -455,14 +499,14 @@ def save_tensors(path: Any, tensors: Mapping[str, Any], *, metadata: Mapping[str
         if name == "__metadata__":
             raise ValueError("a tensor may not be named '__metadata__' (reserved by the format)")
         host[name] = _host_contiguous(name, x)
-    specs = {
-        name: safetensors.TensorSpec(dtype=a.dtype.name, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
-        for name, a in host.items()
-    }
+    header = _header_bytes(host, metadata)
 
     def write(tmp: str) -> None:
-        safetensors.serialize_file(specs, tmp, metadata=metadata)
-        # keep the host arrays alive until Rust has copied from their pointers
-        _ = host
+        with open(tmp, "wb", buffering=0) as f:
+            _write_all(f, memoryview(header))
+            for name in _write_order(host):
+                a = host[name]
+                if a.size:
+                    _write_all(f, memoryview(a.reshape(-1).view(np.uint8)))
 
     _atomic_write(path, write, overwrite=overwrite)

@@ -91,6 +91,52 @@ def test_bytes_match_reference_writer(tmp_path):
     assert p.read_bytes() == stnp.save(tensors, metadata={"format": "pt"})
 
 
+ALL_DTYPES = sorted(safetensors_io.SAFETENSORS_DTYPES)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_hypothesis_bytes_match_reference_writer(tmp_path, data):
+    names = data.draw(st.lists(st.text(min_size=1, max_size=6).filter(lambda n: n != "__metadata__"),
+                               min_size=0, max_size=5, unique=True))
+    tensors = {}
+    for name in names:
+        dt = safetensors_io.SAFETENSORS_DTYPES[data.draw(st.sampled_from(ALL_DTYPES))]
+        shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3))
+        raw = data.draw(st.binary(min_size=int(np.prod(shape)) * dt.itemsize,
+                                  max_size=int(np.prod(shape)) * dt.itemsize))
+        tensors[name] = np.frombuffer(raw, dtype=dt).reshape(shape)
+    meta = data.draw(st.none() | st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=1))
+    if not tensors and meta == {}:
+        meta = None  # the reference writes invalid JSON here; see test_no_tensors_and_empty_metadata
+    p = tmp_path / "b.safetensors"
+    save_tensors(p, tensors, metadata=meta)
+    assert p.read_bytes() == stnp.save(tensors, metadata=meta)
+
+
+def test_no_tensors_and_empty_metadata(tmp_path):
+    # safetensors 0.8 writes b'{},"__metadata__":{}}' here (not JSON); reflora writes a valid header
+    p = tmp_path / "e.safetensors"
+    save_tensors(p, {}, metadata={})
+    blob = p.read_bytes()
+    assert blob[8:].rstrip(b" ") == b'{"__metadata__":{}}'
+    assert safetensors.deserialize(blob) == []
+    assert load_tensors(p, xp="numpy") == ({}, {})
+
+
+def test_several_metadata_keys_are_sorted_and_deterministic(tmp_path):
+    meta = {"z": "1", "format": "pt", "reflora": "{}", "a": "x"}
+    p, q = tmp_path / "p.safetensors", tmp_path / "q.safetensors"
+    save_tensors(p, {"w": np.ones(3)}, metadata=meta)
+    save_tensors(q, {"w": np.ones(3)}, metadata=dict(reversed(list(meta.items()))))
+    assert p.read_bytes() == q.read_bytes()
+    n = struct.unpack("<Q", p.read_bytes()[:8])[0]
+    assert list(json.loads(p.read_bytes()[8:8 + n])["__metadata__"]) == ["a", "format", "reflora", "z"]
+    # the reference reader agrees on everything
+    with safetensors.safe_open(p, framework="np") as f:
+        assert f.metadata() == meta and f.get_tensor("w").tolist() == [1.0, 1.0, 1.0]
+
+
 def test_zero_d_keeps_its_shape(tmp_path):
     p = tmp_path / "z.safetensors"
     save_tensors(p, {"s": np.array(3.5, dtype=np.float32), "e": np.zeros((2, 0, 3), np.float64)})
@@ -407,17 +453,20 @@ def test_failure_mid_write_leaves_existing_file_identical(tmp_path, monkeypatch)
     p = tmp_path / "a.safetensors"
     save_tensors(p, {"old": np.arange(10, dtype=np.float32)})
     before = p.read_bytes()
-    real = safetensors.serialize_file
+    real = safetensors_io._write_all
+    calls = []
 
-    def half_then_fail(specs, filename, metadata=None):
-        real(specs, filename, metadata=metadata)  # the temporary file is fully written...
-        with open(filename, "r+b") as f:  # ...then cut in half, as a crash mid-write would leave it
-            f.truncate(os.path.getsize(filename) // 2)
-        raise OSError(28, "No space left on device (injected)")
+    def half_then_fail(f, buf):
+        calls.append(len(buf))
+        if len(calls) == 2:  # the header went out; the first tensor is cut in half, as a full disk would
+            real(f, buf[: len(buf) // 2])
+            raise OSError(28, "No space left on device (injected)")
+        real(f, buf)
 
-    monkeypatch.setattr(safetensors_io.safetensors, "serialize_file", half_then_fail)
+    monkeypatch.setattr(safetensors_io, "_write_all", half_then_fail)
     with pytest.raises(OSError, match="injected"):
-        save_tensors(p, {"new": np.ones((64, 64), dtype=np.float64)})
+        save_tensors(p, {"new": np.ones((64, 64), dtype=np.float64), "b": np.ones(3)})
+    assert len(calls) == 2
     assert p.read_bytes() == before
     assert _listing(tmp_path) == ["a.safetensors"]  # no temporary file left behind
 
@@ -440,12 +489,11 @@ def test_failure_at_fsync_or_replace_leaves_existing_file_identical(tmp_path, mo
 
 
 def test_keyboard_interrupt_mid_write_cleans_up(tmp_path, monkeypatch):
-    def interrupted(specs, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def interrupted(f, buf):
+        f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors_io.safetensors, "serialize_file", interrupted)
+    monkeypatch.setattr(safetensors_io, "_write_all", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_tensors(tmp_path / "n.safetensors", {"a": np.ones(2)})
     assert _listing(tmp_path) == []

@@ -39,6 +39,7 @@ with the problem that made it raise. On success a check returns a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import tempfile
@@ -145,6 +146,14 @@ def _host(a: Any) -> tuple[np.ndarray, str]:
 
 def _accepts(fn: Callable, name: str) -> bool:
     try:
+        return _accepts_cached(fn, name)
+    except TypeError:  # unhashable callable
+        return _accepts_cached.__wrapped__(fn, name)
+
+
+@functools.lru_cache(maxsize=256)
+def _accepts_cached(fn: Callable, name: str) -> bool:
+    try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
@@ -236,9 +245,12 @@ def _f64(a):
     return None if a is None else a.astype(np.float64)
 
 
+_DEFAULT_POLICY = TolerancePolicy()
+
+
 def _policy(policy: TolerancePolicy | None) -> TolerancePolicy:
     if policy is None:
-        return TolerancePolicy()
+        return _DEFAULT_POLICY
     if not isinstance(policy, TolerancePolicy):
         raise TypeError(f"policy is {type(policy).__name__}; expected reflora.testing.TolerancePolicy")
     return policy

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -53,10 +54,22 @@ def dtypes(allowed: Sequence[str] = DTYPES) -> st.SearchStrategy[str]:
     return st.sampled_from(tuple(allowed))
 
 
+def _dim_values(max_size: int) -> tuple[int, ...]:
+    tiny = tuple(range(1, min(4, max_size) + 1))
+    moderate = tuple(range(5, max_size + 1))
+    if not moderate:
+        return tiny
+    # tiny sizes repeated so that about half the draws are tiny; index 0 (size 1) is what shrinking reaches
+    reps = max(1, len(moderate) // len(tiny))
+    return tiny * reps + moderate
+
+
 def dims(*, max_size: int = 32) -> st.SearchStrategy[int]:
-    """A feature size: tiny (1-4) first, moderate (5-max_size) sometimes."""
-    tiny = st.integers(1, min(4, max_size))
-    return tiny if max_size <= 4 else st.one_of(tiny, st.integers(5, max_size))
+    """A feature size: tiny (1-4) about half the time, moderate (5-max_size) otherwise; shrinks to 1.
+
+    One ``sampled_from`` draw (cheaper for hypothesis than a ``one_of`` of two ranges).
+    """
+    return st.sampled_from(_dim_values(max_size))
 
 
 def ranks(*, max_rank: int = 8) -> st.SearchStrategy[int]:
@@ -64,15 +77,17 @@ def ranks(*, max_rank: int = 8) -> st.SearchStrategy[int]:
     return st.integers(1, max_rank)
 
 
-def leads(*, max_dims: int = 3, max_side: int = 4) -> st.SearchStrategy[tuple]:
-    """Leading dimensions of x: () (x is (I,)), (N,), or several, each 1..max_side."""
-    return st.lists(st.integers(1, max_side), min_size=0, max_size=max_dims).map(tuple).filter(
-        lambda t: math.prod(t) <= 32)
+#: leading dimensions of x, simplest first: one row, none (x is (I,)), one or several dims
+LEADS = ((1,), (), (2,), (3,), (1, 1), (4,), (2, 3), (3, 1), (2, 2, 2), (1, 4, 2), (8,), (4, 4))
 
 
-def _lead_default(max_dims: int, max_side: int) -> st.SearchStrategy[tuple]:
-    # shrink towards one row (1,) rather than () so the simplest case is a 2-D x
-    return st.one_of(st.just((1,)), leads(max_dims=max_dims, max_side=max_side))
+def leads(*, max_dims: int = 3, max_side: int = 4, min_rows: int = 1) -> st.SearchStrategy[tuple]:
+    """Leading dimensions of x from ``LEADS``: () (x is (I,)), (N,), or several; shrinks to (1,)."""
+    allowed = tuple(t for t in LEADS if len(t) <= max_dims and all(n <= max_side for n in t)
+                    and math.prod(t) >= min_rows)
+    if not allowed:
+        raise ValueError(f"no leading dims with max_dims={max_dims}, max_side={max_side}, min_rows={min_rows}")
+    return st.sampled_from(allowed)
 
 
 @st.composite
@@ -104,22 +119,17 @@ def problems(*, dtypes: Sequence[str] = ("float32",), max_size: int = 32, max_ra
     The strategy is built once from plain parts (no per-draw strategy construction),
     so drawing costs well under a millisecond.
     """
-    lead = _lead_default(max_lead_dims, 4)
-    if min_rows > 1:
-        lead = lead.filter(lambda t: math.prod(t) >= min_rows)
-    flag = st.booleans()
-    if dropout is None:
-        p = st.sampled_from((0.0, 0.5, 0.25))
-    else:
-        p = st.sampled_from((0.5, 0.25)) if dropout else st.just(0.0)
-    parts = st.tuples(
-        globals()["dtypes"](dtypes), lead, dims(max_size=max_size), dims(max_size=max_size),
-        ranks(max_rank=max_rank), st.sampled_from(ALPHAS), flag,
-        flag if W is None else st.just(W), flag if bias is None else st.just(bias), p,
-        st.sampled_from(VALUE_KINDS), st.integers(0, 2**32 - 1))
+    lead = leads(max_dims=max_lead_dims, max_side=8, min_rows=min_rows)
+    p_values = (0.0, 0.5, 0.25) if dropout is None else ((0.5, 0.25) if dropout else (0.0,))
+    # the boolean and categorical parts in one draw, simplest first (fewer draws: less hypothesis overhead)
+    flags = st.sampled_from(tuple(itertools.product(
+        (False, True) if W is None else (W,), (False, True) if bias is None else (bias,), p_values,
+        VALUE_KINDS, ALPHAS, (False, True))))
+    parts = st.tuples(globals()["dtypes"](dtypes), lead, dims(max_size=max_size), dims(max_size=max_size),
+                      ranks(max_rank=max_rank), flags, st.integers(0, 2**16 - 1))
 
     def build(t):
-        dtype, lead_, I, O, R, alpha, rslora, has_W, has_bias, p_, values, seed = t
+        dtype, lead_, I, O, R, (has_W, has_bias, p_, values, alpha, rslora), seed = t
         return Problem(lead=lead_, I=I, O=O, R=R, dtype=dtype, seed=seed,
                        scale=alpha / (math.sqrt(R) if rslora else R), W=has_W, bias=has_bias, dropout=p_,
                        values=values)
@@ -167,7 +177,7 @@ def arrays(dtype: str, shape: tuple, *, bound: float = 4.0) -> st.SearchStrategy
 def array_problems(draw, *, dtypes: Sequence[str] = ("float32",), max_size: int = 6, max_rank: int = 4) -> dict[str, Any]:
     """{x, A, B, W, bias, dy, scale, dtype}: arrays whose values shrink themselves (towards 0)."""
     dtype = draw(globals()["dtypes"](dtypes))
-    lead = draw(_lead_default(2, 3))
+    lead = draw(leads(max_dims=2, max_side=3))
     I, O, R = draw(dims(max_size=max_size)), draw(dims(max_size=max_size)), draw(ranks(max_rank=max_rank))
     out: dict[str, Any] = {"dtype": dtype, "scale": draw(scales(rank=R))}
     for name, shape in (("x", lead + (I,)), ("A", (R, I)), ("B", (O, R)), ("W", (O, I)), ("bias", (O,)),

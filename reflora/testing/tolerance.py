@@ -93,6 +93,7 @@ __all__ = [
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 ACCUMULATE = ("float32", "float64", "dtype")
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_NP = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": _BF16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,8 @@ def to_dtype(a: Any, dtype: Any) -> np.ndarray:
     dt = np_dtype(dtype)
     if a.dtype == dt:
         return a
+    if dt != _BF16:
+        return a.astype(dt)  # NumPy's float64 -> float32/float16 conversion rounds once, correctly
     return round_to_dtype(a.astype(np.float64), dt)
 
 
@@ -143,8 +146,9 @@ def _rn(a: np.ndarray, d: str) -> np.ndarray:
     if d == "float64":
         return a
     with np.errstate(over="ignore", invalid="ignore"):
-        if a.dtype == np.float32 and d in ("float16", "bfloat16"):
-            return a.astype(np_dtype(d)).astype(np.float64)  # one rounding from float32 is correct
+        if d != "bfloat16" or a.dtype == np.float32:
+            # one correct rounding: NumPy's float64 -> float32/float16, ml_dtypes' float32 -> bfloat16
+            return a.astype(_NP[d]).astype(np.float64)
         return round_to_dtype(a, d).astype(np.float64)
 
 
@@ -347,6 +351,7 @@ class TolerancePolicy:
     overrides: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        object.__setattr__(self, "_cache", {})
         _check_acc(self.accumulate)
         if not (isinstance(self.k, (int, float)) and math.isfinite(self.k) and self.k >= 1):
             raise ValueError(f"k is {self.k!r}; expected a finite number >= 1")
@@ -360,14 +365,18 @@ class TolerancePolicy:
 
     def tolerance(self, tensor: str, dtype: Any) -> Tolerance:
         """The Tolerance for one tensor name ("y", "dA", ...) and dtype."""
-        d = dtype_name(dtype)
+        d = dtype if dtype in DEFAULTS else dtype_name(dtype)
+        cached = self._cache.get((tensor, d))
+        if cached is not None:
+            return cached
         if d not in DEFAULTS:
             raise TypeError(f"dtype {dtype!r}; expected one of {DTYPES}")
         fields = dataclasses.asdict(DEFAULTS[d])
         fields["k"] = float(self.k)
         for key in (d, tensor, f"{tensor}/{d}"):
             fields.update({f: float(v) for f, v in self.overrides.get(key, {}).items()})
-        return Tolerance(**fields)
+        tol = self._cache[(tensor, d)] = Tolerance(**fields)
+        return tol
 
     def to_dict(self) -> dict:
         """A JSON-ready description (for golden manifests)."""

@@ -83,6 +83,20 @@ def load(path):
     return t[KEY_A], t[KEY_B]
 
 
+def save_seed(path, A, B):
+    """The seed's candle layout: lora_a (I, R) = A^T, lora_b (R, O) = B^T."""
+    from safetensors.torch import save_file
+
+    save_file({"lora_a": A.T.contiguous(), "lora_b": B.T.contiguous()}, path)
+
+
+def load_seed(path):
+    from safetensors.torch import load_file
+
+    t = load_file(path)
+    return t["lora_a"].T.contiguous(), t["lora_b"].T.contiguous()
+
+
 candidate = types.SimpleNamespace(forward=forward, backward=backward, train_step=train_step, merge=merge,
                                   scaling=scaling, save=save, load=load, dtypes=DTYPES, to="torch",
                                   layout="peft")

@@ -170,6 +170,9 @@ def test_correct_torch_sgd_merge_metamorphic_pass(dtype):
 def test_correct_roundtrip_and_scale_pass(dtype):
     assert rt.check_roundtrip(lc.save, lc.load, dtype=dtype, layout="peft", to="torch", max_examples=15,
                               derandomize=True).examples >= 15
+    # the seed's candle layout: lora_a (I, R) = A^T, lora_b (R, O) = B^T
+    assert rt.check_roundtrip(lc.save_seed, lc.load_seed, dtype=dtype, layout="seed", to="torch", max_examples=15,
+                              derandomize=True).examples >= 15
     assert rt.check_scale(lc.scaling).examples == len(rt.checks.SCALE_GRID)
 
 
@@ -246,11 +249,11 @@ def test_metamorphic_properties_catch_their_mutants():
     with pytest.raises(AssertionError, match=r"batched vs looped over rows: y_looped differs"):
         rt.check_metamorphic(leaks_across_rows, **kw)
 
-    def pad_sensitive(x, A, B, **kw):  # normalises by the rank it is given
-        return lc.forward(x, A, B, **kw) * (2.0 / (1.0 + A.shape[0] / max(1, A.shape[0] - 2 if A.shape[0] > 2 else A.shape[0])))
+    def rank_sensitive(x, A, B, **kw):  # depends on the rank it is given, not only on B A
+        return lc.forward(x, A, B, **kw) * (1 + 0.01 * A.shape[0])
 
-    with pytest.raises(AssertionError, match=r"y_padded differs|y_B0"):
-        rt.check_metamorphic(pad_sensitive, **kw)
+    with pytest.raises(AssertionError, match=r"y_padded differs"):
+        rt.check_metamorphic(rank_sensitive, **kw)
 
     def ignores_B_zero(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):  # B = 0 replaced by ones
         if not bool(B.any()):

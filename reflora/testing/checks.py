@@ -216,7 +216,8 @@ def _compare(name: str, cand: Any, ref: np.ndarray, emul: np.ndarray, mag: float
 
 
 def _fail(check: str, fn_vars: Sequence[tuple[str, Any]], problem: Problem, detail: str, call: str,
-          extra: Problem | SGDOptions | None = None, to: Any = None, exc: BaseException | None = None) -> AssertionError:
+          extra: Problem | SGDOptions | None = None, to: Any = None,
+          exc: BaseException | None = None) -> AssertionError:
     lines = [f"reflora.testing.{check}: {detail}", f"  problem: {problem.shapes()}"]
     if extra is not None:
         lines.append(f"  options: {extra!r}")
@@ -226,7 +227,10 @@ def _fail(check: str, fn_vars: Sequence[tuple[str, Any]], problem: Problem, deta
     lines.append(f"    problem = rt.{problem!r}")
     if extra is not None:
         lines.append(f"    options = rt.{extra!r}")
-    to_arg = "" if to is None or to == "numpy" else f", to={to!r}" if isinstance(to, str) else ", to=...  # your converter"
+    if to is None or to == "numpy":
+        to_arg = ""
+    else:
+        to_arg = f", to={to!r}" if isinstance(to, str) else ", to=...  # your converter"
     lines.append(f"    rt.{call}{to_arg})")
     err = AssertionError("\n".join(lines))
     if exc is not None:
@@ -338,7 +342,8 @@ def check_metamorphic_problem(forward: Callable, problem: Problem, *, merge: Cal
 
     def refs(A, B, W=f["W"], mask=f["dropout_mask"]):
         ref, _ = lora_forward(f["x"], _f64(A), _f64(B), scale=s, W=_f64(W), bias=f["bias"], dropout_mask=mask)
-        emul = emulate_forward(a["x"], A, B, scale=s, W=W, bias=a["bias"], dropout_mask=a["dropout_mask"] if mask is not None else None,
+        emul = emulate_forward(a["x"], A, B, scale=s, W=W, bias=a["bias"],
+                               dropout_mask=a["dropout_mask"] if mask is not None else None,
                                dtype=d, accumulate=policy.accumulate)
         mag = magnitude_forward(f["x"], _f64(A), _f64(B), scale=s, W=_f64(W), bias=f["bias"], dropout_mask=mask)
         return ref, emul, mag, tol.bound(float(np.max(np.abs(emul - ref))) if ref.size else 0.0, mag)
@@ -408,7 +413,8 @@ def _pair(label: str, y: np.ndarray, y2: np.ndarray, bound: float) -> float:
 
 
 def check_sgd_problem(train_step: Callable, problem: Problem, options: SGDOptions, *,
-                      policy: TolerancePolicy | None = None, to: Any = None, check_dtype: bool = True) -> dict[str, float]:
+                      policy: TolerancePolicy | None = None, to: Any = None,
+                      check_dtype: bool = True) -> dict[str, float]:
     """Run ``options.steps`` training steps of ``train_step`` and compare A, B after every step."""
     policy, conv, a = _policy(policy), converter(to), problem.arrays()
     d, s = problem.dtype, problem.scale
@@ -532,7 +538,8 @@ def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *,
                 try:
                     ad = load_adapter(path, layout=layout, alpha=1.0, xp="numpy")
                 except Exception as exc:  # noqa: BLE001
-                    raise _Fail(f"reflora.load_adapter(layout={layout!r}) cannot read the candidate's file: {exc}") from exc
+                    raise _Fail(f"reflora.load_adapter(layout={layout!r}) cannot read the candidate's file: "
+                                f"{exc}") from exc
                 same(f"reflora.load_adapter(layout={layout!r}) of the candidate's file", ad.A, a["A"], "A (R, I)")
                 same(f"reflora.load_adapter(layout={layout!r}) of the candidate's file", ad.B, a["B"], "B (O, R)")
                 path2 = os.path.join(tmp, "reflora.safetensors")
@@ -586,7 +593,8 @@ def _problems(dtype, **kw):
 
 def check_forward(forward: Callable, *, dtype: str = "float32", max_examples: int = 100, derandomize: bool = False,
                   seed: int | None = None, policy: TolerancePolicy | None = None, to: Any = None,
-                  dropout: bool | None = None, check_dtype: bool = True, max_size: int = 32, shrink: bool = True) -> CheckResult:
+                  dropout: bool | None = None, check_dtype: bool = True, max_size: int = 32,
+                  shrink: bool = True) -> CheckResult:
     """Check a candidate forward(x, A, B, *, scale, W=None, bias=None) -> y on ``max_examples`` problems.
 
     Passes when, for every problem, max|y_cand - y_ref64| <= k max|y_emul - y_ref64| + floor
@@ -627,7 +635,8 @@ def check_forward(forward: Callable, *, dtype: str = "float32", max_examples: in
 
 def check_backward(backward: Callable, *, dtype: str = "float32", max_examples: int = 100, derandomize: bool = False,
                    seed: int | None = None, policy: TolerancePolicy | None = None, to: Any = None,
-                   dropout: bool | None = None, check_dtype: bool = True, max_size: int = 32, shrink: bool = True) -> CheckResult:
+                   dropout: bool | None = None, check_dtype: bool = True, max_size: int = 32,
+                   shrink: bool = True) -> CheckResult:
     """Check a candidate backward(x, A, B, dy, *, scale, W=None, bias=None) -> (dx, dA, dB).
 
     dx (..., I), dA (R, I), dB (O, R) are the gradients of sum(y * dy), summed

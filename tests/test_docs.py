@@ -9,6 +9,10 @@ Rules for docs/**/*.md (see docs/index.md, "How these pages are checked"):
   between) is that block's expected standard output, compared exactly after
   stripping trailing whitespace. The numeric checks print rounded or boolean
   results so floating-point noise cannot change them;
+* blocks run with the repository root as working directory, and a line
+  ``--8<-- "file"`` inside a fence includes ``docs/examples/file`` (as
+  pymdownx.snippets does on the site), so a program shown from a file is the
+  program that runs;
 * ``mkdocs build --strict`` must succeed (warnings are errors: a broken link,
   an API object mkdocstrings cannot find, a page missing from the nav).
 
@@ -36,6 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 FENCE = re.compile(r"^(`{3,}|~{3,})\s*([^\s`]*)(.*)$")
+# pymdownx.snippets include lines (mkdocs.yml: base_path docs/examples), expanded as mkdocs expands them
+SNIPPET = re.compile(r'^-{1,}8<-{1,}\s+"([^"]+)"\s*$')
+SNIPPETS = DOCS / "examples"
 
 
 class Block(NamedTuple):
@@ -59,7 +66,8 @@ def fenced_blocks(path: Path) -> list[Block]:
         body = []
         i += 1
         while i < len(lines) and not lines[i].startswith(fence[0] * len(fence)):
-            body.append(lines[i])
+            inc = SNIPPET.match(lines[i])
+            body.extend((SNIPPETS / inc.group(1)).read_text(encoding="utf-8").splitlines() if inc else [lines[i]])
             i += 1
         if i == len(lines):
             raise AssertionError(f"{path.relative_to(ROOT)}:{start + 1}: unclosed code fence")
@@ -88,15 +96,19 @@ def run_page(path: Path) -> int:
     rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
     namespace: dict = {"__name__": "__main__"}  # a page runs like a script
     pairs = python_blocks_with_output(path)
+    cwd = os.getcwd()
     for block, expected in pairs:
         buf = io.StringIO()
         try:
             code = compile(block.text, f"{rel}:{block.line}", "exec")
+            os.chdir(ROOT)  # blocks run from the repository root (paths like docs/examples/...)
             with contextlib.redirect_stdout(buf):
                 exec(code, namespace)  # noqa: S102 - the docs are our own code
         except Exception:
             pytest.fail(f"{rel}, Python block at line {block.line} raised:\n{traceback.format_exc()}"
                         f"\nits output so far:\n{buf.getvalue()}", pytrace=False)
+        finally:
+            os.chdir(cwd)
         if expected is not None:
             got, want = _rstrip_lines(buf.getvalue()), _rstrip_lines(expected.text)
             assert got == want, (f"{rel}, Python block at line {block.line}: printed output differs from the "

@@ -7,6 +7,7 @@
     configs()           reflora.LoraConfig
     problems()          reflora.testing.Problem: shapes, dtype, seed, scale, W, bias, dropout
     sgd_options()       reflora.testing.SGDOptions (momentum, dampening, nesterov, ...)
+    training_problems() (Problem, SGDOptions) pairs whose lr keeps a few SGD steps smooth
     arrays(), array_problems()
                         arrays drawn element by element through
                         hypothesis.extra.array_api (for your own properties)
@@ -40,7 +41,7 @@ from .problems import VALUE_KINDS, Problem, SGDOptions
 from .tolerance import DTYPES
 
 __all__ = ["array_problems", "arrays", "configs", "dims", "dtypes", "leads", "problems", "ranks", "scales",
-           "sgd_options"]
+           "sgd_options", "stable_lr", "training_problems"]
 
 ALPHAS = (1.0, 2.0, 8.0, 16.0, 32.0)
 _XPS = None
@@ -152,6 +153,38 @@ def sgd_options(draw, *, max_steps: int = 4) -> SGDOptions:
     weight_decay = draw(st.sampled_from((0.0, 0.1, 0.01)))
     return SGDOptions(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                       nesterov=nesterov, maximize=draw(st.booleans()), steps=draw(st.integers(1, max_steps)))
+
+
+def stable_lr(problem: Problem, options: SGDOptions, *, max_change: float = 0.25) -> SGDOptions:
+    """``options`` with lr capped so one step moves A and B by at most about ``max_change`` relative.
+
+    The MSE loss L = mean((y - t)^2) has curvature in A and B of at most about
+    C = 2 s^2 (|x|_F^2 |B|_F^2 + |x A^T|_F^2) / numel(y); momentum m multiplies
+    the effective step by 1 / (1 - m). lr is capped at max_change (1 - m) / C
+    (to two significant digits, so it prints plainly). Far from that cap,
+    training is smooth and rounding errors are not amplified chaotically, so the
+    emulated reference tracks a correct candidate; near or past it, SGD diverges
+    and any two implementations part ways.
+    """
+    a = {k: None if v is None else v.astype(np.float64) for k, v in problem.arrays().items()}
+    x = a["x"].reshape(-1, problem.I)
+    n = max(1, x.shape[0] * problem.O)
+    C = 2 * problem.scale**2 * (np.sum(x * x) * np.sum(a["B"] ** 2) + np.sum((x @ a["A"].T) ** 2)) / n
+    cap = max_change * (1 - options.momentum) / C if C > 0 else options.lr
+    if options.lr <= cap:
+        return options
+    lr = float(f"{cap:.2g}")
+    return SGDOptions(**{**options.as_kwargs(), "lr": lr, "steps": options.steps})
+
+
+def training_problems(*, dtypes: Sequence[str] = ("float32",), max_size: int = 8,
+                      steps: int | None = None) -> st.SearchStrategy[tuple[Problem, SGDOptions]]:
+    """(Problem, SGDOptions) pairs for training checks: no dropout, s <= 2, lr capped by ``stable_lr``."""
+    opts = sgd_options()
+    if steps is not None:
+        opts = opts.map(lambda o: SGDOptions(**{**o.as_kwargs(), "steps": int(steps)}))
+    pairs = st.tuples(problems(dtypes=dtypes, dropout=False, max_size=max_size, max_scale=2.0), opts)
+    return pairs.map(lambda po: (po[0], stable_lr(po[0], po[1])))
 
 
 def _xps():

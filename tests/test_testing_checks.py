@@ -303,3 +303,32 @@ def test_import_needs_neither_torch_nor_hypothesis():
             "print('torch' in sys.modules, 'hypothesis' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------- regressions found by long runs
+
+
+@pytest.mark.parametrize("problem", [
+    # lr = 0.01 made these diverge (A from 0.75 to -15 in 3 steps; B to 4651 and float16 overflow), and a
+    # correct candidate then parted from the emulation chaotically: a false alarm. stable_lr caps lr.
+    rt.Problem(lead=(2,), I=5, O=3, R=1, dtype="float32", seed=4288, scale=2.0, W=False, bias=False,
+               values="integers"),
+    rt.Problem(lead=(4,), I=4, O=1, R=1, dtype="float16", seed=0, scale=2.0, W=True, bias=True, values="integers"),
+])
+def test_training_problems_stay_smooth(problem):
+    opts = rst.stable_lr(problem, rt.SGDOptions(lr=0.01, steps=4))
+    assert 0 < opts.lr < 0.01 and opts.steps == 4
+    assert max(rt.check_sgd_problem(lc.train_step, problem, opts, to="torch").values()) < 1
+
+
+def test_no_bound_where_the_emulated_dtype_overflows():
+    from reflora.testing.checks import _Fail, _compare
+
+    pol = rt.TolerancePolicy()
+    ref = np.array([1e5, 1.0])
+    # float16 cannot hold 1e5: the emulation overflows there, so an inf from the candidate is no failure
+    assert _compare("y", np.array([np.inf, 1.0]), ref, np.array([np.inf, 1.0]), 1e5, pol, "float64",
+                    check_dtype=False) == 0.0
+    # where the emulation is finite, a candidate's inf is a failure
+    with pytest.raises(_Fail, match=r"candidate gives inf at \(1,\)"):
+        _compare("y", np.array([1e5, np.inf]), ref, np.array([1e5, 1.0]), 1e5, pol, "float64", check_dtype=False)

@@ -54,7 +54,14 @@ Defaults (k, floor_rel, floor_abs), overridable per dtype, per tensor, or per
     bfloat16  2   4 * 2^-8         4 * 2^-133
 
 Tensor names: "y" (forward), "dx", "dA", "dB" (backward), "A", "B" (after SGD
-steps), "W" (merge), and "y_merged" (forward through a merged weight).
+steps), "W" (merge), "y_B0" and "y_merged" (the metamorphic forwards with
+B = 0 and through a merged weight). The metamorphic pairs (batched vs looped,
+rank padding) allow twice the tolerance of "y".
+
+Measured reach (correct PyTorch candidates, 2,000 random problems per check and
+dtype): the worst err / tolerance was 0.71 in float32 (dx) and at most 0.28 in
+float16 and bfloat16 (forward, backward, merge, metamorphic, SGD), and below
+0.001 in float64, where the tolerance is about 1e-12 relative.
 
 Everything here is NumPy on the host: bfloat16 comes from ml_dtypes (which
 the array API does not have), and an emulation is a model of rounding, not a

@@ -332,3 +332,22 @@ def test_no_bound_where_the_emulated_dtype_overflows():
     # where the emulation is finite, a candidate's inf is a failure
     with pytest.raises(_Fail, match=r"candidate gives inf at \(1,\)"):
         _compare("y", np.array([1e5, np.inf]), ref, np.array([1e5, 1.0]), 1e5, pol, "float64", check_dtype=False)
+
+
+def test_an_array_api_candidate_gets_its_own_arrays_and_results_come_back_through_dlpack():
+    xps = pytest.importorskip("array_api_strict")
+    seen = set()
+
+    def fwd(x, A, B, *, scale, W=None, bias=None):
+        seen.add(type(x).__module__.split(".")[0])
+        x2 = xps.reshape(x, (-1, x.shape[-1]))
+        y = scale * xps.matmul(xps.matmul(x2, xps.matrix_transpose(A)), xps.matrix_transpose(B))
+        if W is not None:
+            y = y + xps.matmul(x2, xps.matrix_transpose(W))
+        if bias is not None:
+            y = y + bias
+        return xps.reshape(y, tuple(x.shape[:-1]) + (B.shape[0],))
+
+    assert rt.check_forward(fwd, dtype="float32", to="array_api_strict", max_examples=30, derandomize=True,
+                            dropout=False).examples == 30
+    assert seen == {"array_api_strict"}

@@ -81,7 +81,10 @@ def _shape(a: Any) -> tuple:
 
 @functools.lru_cache(maxsize=64)
 def _is_real_floating(xp: Any, dtype: Any) -> bool:
-    return bool(xp.isdtype(dtype, "real floating"))
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except TypeError:  # dtypes outside the standard, e.g. ml_dtypes.bfloat16
+        return False
 
 
 def _np_mT(a):
@@ -128,7 +131,8 @@ def _check_inputs(x, A, B, W, bias, mask):
         xp = array_namespace(*arrays, names=names)
     dt = x.dtype
     if not _is_real_floating(xp, dt):
-        raise TypeError(f"x has dtype {dt}; expected a real floating dtype (float16, float32 or float64)")
+        raise TypeError(f"x has dtype {dt}; expected a real floating dtype (float16, float32 or float64); "
+                        "for bfloat16 compute in float32 (reflora.testing emulates bfloat16 rounding)")
     if A.dtype != dt or B.dtype != dt or (W is not None and W.dtype != dt) or (
             bias is not None and bias.dtype != dt) or (mask is not None and mask.dtype != dt):
         name, a = next((n, a) for n, a in zip(names[1:], arrays[1:]) if a is not None and a.dtype != dt)

@@ -249,6 +249,13 @@ def test_integer_and_bool_arrays_raise_type_error(xp, dtype):
         lora_forward(xp.asarray(np.ones((2, 8), dtype=dtype)), args["A"], args["B"], scale=1.0)
 
 
+def test_bfloat16_is_refused_with_a_clear_message():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.ones((2, 8), dtype=ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match=r"x has dtype bfloat16; expected a real floating dtype"):
+        lora_forward(x, np.ones((4, 8), dtype=x.dtype), np.ones((5, 4), dtype=x.dtype), scale=1.0)
+
+
 def test_mixed_dtypes_raise_type_error(xp):
     args = _ok(xp)
     with pytest.raises(TypeError, match=r"A has dtype .*float32.*; expected .*float64"):

@@ -7,7 +7,9 @@ Large: float32, x (2048, 2048), W (2048, 2048), rank 16. Reports
   reflora / base-GEMM floor (x W^T plus dy W, the two GEMMs any LoRA fwd+bwd must do; target <= 1.10)
 Tiny: float64, x (4, 16), W (16, 16), rank 2: microseconds per forward+backward
 call including argument checks (target <= 25 us), PEFT's beside it.
-Timings are medians over interleaved repeats; this is a benchmark, not a test.
+Timings are the best of interleaved repeats, each block started after a pause
+that lets the other library's spinning worker threads go idle; this is a
+benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -15,20 +17,24 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
 
 
-def median_time(fn, repeats):
+def best_time(fn, repeats):
+    # Let the other library's idle worker threads stop spinning first: OpenMP
+    # (torch) and OpenBLAS (numpy) busy-wait for a while after a parallel region,
+    # and would otherwise steal the cores from whichever contender runs next.
+    time.sleep(0.5)
     fn()  # warm-up
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    # best of N, as timeit advises: on a shared machine noise only ever adds time
+    return min(ts)
 
 
 def main():
@@ -93,9 +99,9 @@ def main():
     ours, theirs, floor = setup(n, n, n, 16, np.float32)
     t_o, t_p, t_f = [], [], []
     for _ in range(3):  # interleave to share the machine's noise
-        t_o.append(median_time(ours, args.repeats // 3 + 1))
-        t_p.append(median_time(theirs, args.repeats // 3 + 1))
-        t_f.append(median_time(floor, args.repeats // 3 + 1))
+        t_o.append(best_time(ours, args.repeats // 3 + 1))
+        t_p.append(best_time(theirs, args.repeats // 3 + 1))
+        t_f.append(best_time(floor, args.repeats // 3 + 1))
     to, tp, tf = min(t_o), min(t_p), min(t_f)
     print(f"large  x ({n}, {n}), W ({n}, {n}), rank 16, float32, forward+backward")
     print(f"  reflora {to * 1e3:8.1f} ms   PEFT {tp * 1e3:8.1f} ms   base-GEMM floor {tf * 1e3:8.1f} ms")
@@ -111,8 +117,8 @@ def main():
                 fn()
         return run
 
-    to = median_time(loop(ours, calls), 5) / calls
-    tp = median_time(loop(theirs, calls // 10), 5) / (calls // 10)
+    to = best_time(loop(ours, calls), 5) / calls
+    tp = best_time(loop(theirs, calls // 10), 5) / (calls // 10)
     print("tiny   x (4, 16), W (16, 16), rank 2, float64, forward+backward per call")
     print(f"  reflora {to * 1e6:8.2f} us   PEFT {tp * 1e6:8.2f} us   (target reflora <= 25 us; ratio {to / tp:.3f})")
 

@@ -95,3 +95,18 @@ def test_init_distribution_matches_peft_default():
         # U(-b, b): variance b^2/3; 16384 draws give a standard error of about 0.9%
         assert abs(a.var() / (bound**2 / 3) - 1) < 0.05
     assert np.all(np.asarray(B) == 0)
+
+
+def test_large_row_counts_match_peft():
+    """N large enough that reflora's NumPy path adds the LoRA terms in row blocks."""
+    rng = np.random.default_rng(21)
+    N, I, O, R = 700, 40, 1500, 3
+    x, A, B, W = rng.standard_normal((N, I)), rng.standard_normal((R, I)), rng.standard_normal((O, R)), \
+        rng.standard_normal((O, I))
+    mask, G = (rng.random((N, I)) > 0.5) * 2.0, rng.standard_normal((N, O))
+    _, layer = peft_lora_linear(A, B, W, None, r=R, lora_alpha=6, mask=mask)
+    y_ref, dx_ref, dA_ref, dB_ref = peft_forward_backward(layer, x, G)
+    y, cache = reflora.lora_forward(x, A, B, scale=2.0, W=W, dropout_mask=mask)
+    g = reflora.lora_backward(G, cache)
+    for name, a, b in (("y", y, y_ref), ("dx", g.dx, dx_ref), ("dA", g.dA, dA_ref), ("dB", g.dB, dB_ref)):
+        assert_close(a, b, name=name, rel=F64_PEER)

@@ -314,13 +314,24 @@ def merge_model(base: Any, adapter: Any, out: Any, *, overwrite: bool = False, p
     if index is None:
         (shard, h), = headers.items()
         target = os.path.join(out, SINGLE_NAME) if os.path.isdir(out) else out
-        if os.path.abspath(target) == os.path.abspath(h.path):
+        if os.path.realpath(target) == os.path.realpath(h.path):
             raise ValueError(f"OUT {target} is the base file itself; expected a new path")
         _atomic_write(target, lambda tmp: _write_shard(h, plan[shard], tmp, bar, done), overwrite=overwrite)
         outputs = [target]
     else:
         if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not overwrite)):
             raise FileExistsError(f"{out} exists; expected a new folder for the sharded model (or overwrite)")
+        real_out = os.path.realpath(out)
+        base_dirs = {os.path.dirname(os.path.realpath(h.path)) for h in headers.values()}
+        if any(d == real_out or d.startswith(real_out + os.sep) for d in base_dirs):
+            raise ValueError(f"OUT {out} is or contains the base model's folder; expected a new folder "
+                             "(replacing it would delete the base and its other files)")
+        if os.path.isdir(out):
+            ours = set(headers) | {INDEX_NAME}
+            foreign = sorted(set(os.listdir(out)) - ours)
+            if foreign:
+                raise FileExistsError(f"{out} holds files this merge would not write ({foreign[:5]}); "
+                                      "expected a new folder or a previous merge output")
         parent = os.path.dirname(os.path.abspath(out))
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.{secrets.token_hex(6)}.tmp")
@@ -335,7 +346,12 @@ def merge_model(base: Any, adapter: Any, out: Any, *, overwrite: bool = False, p
             if os.path.exists(out):
                 old = f"{tmp}.old"
                 os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, out)  # put the previous output back
+                raise
             if old is not None:
                 shutil.rmtree(old)
         except BaseException:

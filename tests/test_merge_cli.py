@@ -282,3 +282,23 @@ def test_command_line_runs_without_torch_and_shows_progress(tmp_path):
     r = subprocess.run([sys.executable, "-m", "reflora.cli", "merge", str(base), str(adapter), str(out), "--quiet"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "exists" in r.stderr
+
+
+def test_sharded_output_never_replaces_the_base_or_foreign_files(tmp_path):
+    base, adapter, *_ = make_case(tmp_path, dtype=torch.bfloat16, shards=2, r=4, lora_alpha=8)
+    (base / "config.json").write_text("{}")
+    before = sorted(os.listdir(base))
+    for out in (base, tmp_path):  # the base folder itself, and a folder that contains it
+        with pytest.raises(ValueError, match="is or contains the base model's folder"):
+            cm.merge_model(base / cm.INDEX_NAME, adapter, out, overwrite=True, progress=False)
+    assert sorted(os.listdir(base)) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        cm.merge_model(base / cm.INDEX_NAME, adapter, other, overwrite=True, progress=False)
+    assert (other / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "merged"
+    cm.merge_model(base / cm.INDEX_NAME, adapter, out, progress=False)
+    cm.merge_model(base / cm.INDEX_NAME, adapter, out, overwrite=True, progress=False)  # a previous output: fine
+    assert (out / cm.INDEX_NAME).exists()

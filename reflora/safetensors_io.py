@@ -53,6 +53,7 @@ __all__ = ["MAX_HEADER_BYTES", "MAX_DIMS", "SAFETENSORS_DTYPES", "load_tensors",
 MAX_HEADER_BYTES = 100_000_000
 #: reflora's limit on the number of dimensions of one tensor (the reference reader has none).
 MAX_DIMS = 64
+_I64_MAX = 2**63 - 1
 _U64_MAX = 2**64 - 1
 
 #: Header dtype name -> NumPy dtype (little-endian), for every byte-sized safetensors dtype.
@@ -181,7 +182,13 @@ def _validate_header(header_bytes: bytes, data_len: int, where: str) -> tuple[li
         begin, end = offsets
         if begin > end:
             raise FormatError(f"{key}: data_offsets [{begin}, {end}] are reversed; expected begin <= end")
-        numel = math.prod(shape)
+        # running product, as the reference's checked_mul: a later 0 must not hide an
+        # overflow (NumPy refuses such shapes with a plain ValueError)
+        numel = 1
+        for d in shape:
+            numel *= d
+            if d > _I64_MAX or numel > _I64_MAX:
+                raise FormatError(f"{key}: shape {shape} of {dtype} overflows 64 bits (dimension or element count)")
         nbytes = numel * SAFETENSORS_DTYPES[dtype].itemsize
         if nbytes > _U64_MAX:
             raise FormatError(f"{key}: shape {shape} of {dtype} overflows 64 bits ({numel} elements)")

@@ -137,9 +137,15 @@ def convert(src: str, dst: str, *, to: str, layout: str | None = None, alpha: fl
             use_rslora: bool | None = None, module: str = "linear", force: bool = False) -> str:
     """Read SRC (file or PEFT directory) and write DST in layout ``to``; return a one-line summary."""
     if os.path.isdir(src):
-        adapters: Any = load_peft(src)
+        adapters: Any = load_peft(src, xp="numpy")
     else:
-        adapters = load_adapter(src, layout=layout, alpha=alpha, use_rslora=use_rslora)
+        adapters = load_adapter(src, layout=layout, alpha=alpha, use_rslora=use_rslora, xp="numpy")
+        if isinstance(adapters, LoraAdapter):
+            # keep the module path the file names; --module only names bare lora_a/lora_b files
+            header = read_header(src)[0]
+            (name,) = adapter_io._group({n: s for n, (_, s) in header.items()}, src)[0]
+            if name:
+                module = name
     n = 1 if isinstance(adapters, LoraAdapter) else len(adapters)
     if to == "peft" and (os.path.isdir(dst) or not dst.endswith(".safetensors")):
         if isinstance(adapters, LoraAdapter):
@@ -155,7 +161,8 @@ def _convert(args: argparse.Namespace) -> int:
         print(convert(args.src, args.dst, to=args.to, layout=args.layout, alpha=args.alpha,
                       use_rslora=args.use_rslora or None, module=args.module, force=args.force))
     except FileExistsError as exc:
-        raise FileExistsError(f"{exc.args[0].split(';')[0]}; pass --force to replace it") from None
+        where = exc.filename if exc.filename is not None else str(exc).split(";")[0]
+        raise FileExistsError(f"{where} exists; pass --force to replace it") from None
     return 0
 
 

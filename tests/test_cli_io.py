@@ -113,3 +113,27 @@ def test_inspect_flags_dora_and_lora_bias(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "fc: also has magnitude (O,)" in text and "parameters: 24" in text
+
+
+def test_convert_keeps_the_module_path_of_a_single_module_file(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    ad = LoraAdapter.from_arrays(rng.standard_normal((2, 6)), rng.standard_normal((5, 2)), alpha=4.0)
+    src = tmp_path / "one.safetensors"
+    save_adapter(src, {"layers.0.q_proj": ad}, layout="peft")
+    assert main(["convert", str(src), str(tmp_path / "pdir"), "--to", "peft"]) == 0
+    assert main(["convert", str(src), str(tmp_path / "again.safetensors"), "--to", "peft"]) == 0
+    back = load_peft(tmp_path / "pdir", xp="numpy")
+    assert list(back) == ["layers.0.q_proj"]
+    np.testing.assert_array_equal(back["layers.0.q_proj"].A, ad.A)
+    assert set(reflora.load_tensors(tmp_path / "again.safetensors")[0]) == {
+        "base_model.model.layers.0.q_proj.lora_A.weight", "base_model.model.layers.0.q_proj.lora_B.weight"}
+    # the seed layout stores bare lora_a/lora_b: --module names the module when converting back
+    assert main(["convert", str(src), str(tmp_path / "seed.safetensors"), "--to", "seed"]) == 0
+    assert main(["convert", str(tmp_path / "seed.safetensors"), str(tmp_path / "p2"), "--to", "peft",
+                 "--module", "layers.0.q_proj"]) == 0
+    assert list(load_peft(tmp_path / "p2", xp="numpy")) == ["layers.0.q_proj"]
+    # an existing plain file where a PEFT directory should go: a message, not a traceback
+    (tmp_path / "taken").write_text("x")
+    capsys.readouterr()
+    assert main(["convert", str(src), str(tmp_path / "taken"), "--to", "peft"]) == 2
+    assert "taken" in capsys.readouterr().err

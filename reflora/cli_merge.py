@@ -24,7 +24,9 @@ a base bias. Then each output file is streamed: the header is the input's
 (the same names, dtypes, shapes and offsets), untargeted tensors are copied
 through in 16 MiB pieces, targeted ones are read, merged and written one at a
 time. Peak memory is about two copies of the largest targeted tensor (its
-input and its output) plus the merge's float64 row blocks (a few MiB). The
+input and its output) plus the merge's float64 row blocks (a few MiB); a DoRA
+module needs more, several float64 O x I arrays for its row norms (about 20
+times a bf16 tensor), since ``dora_merge`` is not blocked. The
 output is written atomically: a single file through a temporary file and a
 rename; a sharded model into a temporary folder renamed to OUT at the end,
 with its index. No torch is imported. Only weights are written: copy

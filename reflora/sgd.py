@@ -10,8 +10,11 @@ For each parameter p with gradient g, at step t (t = 1 is the first step):
     p   = p - lr * g_t
 
 Note the first-step buffer: torch (and reflora) start it at g_1 itself, not at
-(1 - dampening) g_1 and not at zero; optax's ``trace`` starts at zero and so
-differs on every step when dampening != 0. Weight decay is L2 on the
+(1 - dampening) g_1; an implementation that starts the buffer at zero and
+applies the dampened update from step 1 differs on every step when
+dampening != 0. Each ``a + alpha * b`` above is rounded once, with alpha
+rounded to the parameter's dtype, as torch's ``add(b, alpha=alpha)`` does: in
+float32 the updates match torch bit for bit. Weight decay is L2 on the
 parameters being optimised (A and B only; the base weight W is never touched).
 
 The optimizer is pure (optax-style): ``init`` returns a state, ``step``
@@ -24,7 +27,9 @@ import math
 import numbers
 from typing import Any, Mapping, NamedTuple
 
-from .backend import array_namespace
+import numpy as np
+
+from .backend import array_namespace, dtype_name
 
 __all__ = ["SGD", "SGDState"]
 
@@ -40,6 +45,21 @@ def _real(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"SGD {name} is {value!r}; expected a finite real number")
     return float(value)
+
+
+def _axpy(xp: Any, y: Any, alpha: float, x: Any) -> Any:
+    """y + alpha * x as torch's ``y.add(x, alpha=alpha)``: alpha rounded to the dtype, the result rounded once.
+
+    Note: below float64 the sum is formed in float64, where the product of two
+    float32 (or float16) numbers is exact, and rounded once to the dtype; the
+    plain ``y + alpha * x`` would round twice and drift from torch by an ulp.
+    """
+    dt = y.dtype
+    if dtype_name(dt) == "float64":
+        return y + alpha * x
+    a = float(np.asarray(alpha, dtype=dtype_name(dt)))
+    f64 = xp.float64
+    return xp.astype(xp.astype(y, f64) + a * xp.astype(x, f64), dt)
 
 
 def _items(tree: Any, what: str) -> tuple[list, list]:
@@ -134,20 +154,24 @@ class SGD:
                 raise ValueError(f"grads[{key!r}] has shape {tuple(g.shape)}; expected {tuple(p.shape)}, the parameter's")
             if g.dtype != p.dtype or not xp.isdtype(p.dtype, "real floating"):
                 raise TypeError(f"params[{key!r}] and grads[{key!r}] have dtypes {p.dtype}, {g.dtype}; expected one real floating dtype")
+            if buf is not None and (tuple(buf.shape) != tuple(p.shape) or buf.dtype != p.dtype):
+                raise ValueError(f"momentum buffer for {key!r} has shape {tuple(buf.shape)} and dtype {buf.dtype}; "
+                                 f"expected the parameter's {tuple(p.shape)}, {p.dtype}")
             # maximize: ascend on the objective
             d_p = -g if self.maximize else g
             if self.weight_decay != 0:
                 # L2 penalty: g + wd * p
-                d_p = d_p + self.weight_decay * p
+                d_p = _axpy(xp, d_p, self.weight_decay, p)
             if self.momentum != 0:
                 if buf is None:
                     # first step: the buffer starts at the gradient itself (a copy)
                     buf = xp.asarray(d_p, copy=True)
                 else:
                     # b = momentum * b + (1 - dampening) * g
-                    buf = self.momentum * buf + (1.0 - self.dampening) * d_p
+                    buf = _axpy(xp, self.momentum * buf, 1.0 - self.dampening, d_p)
                 # nesterov looks ahead along the buffer
-                d_p = d_p + self.momentum * buf if self.nesterov else buf
-            new_p.append(p - self.lr * d_p)
+                d_p = _axpy(xp, d_p, self.momentum, buf) if self.nesterov else buf
+            # p = p - lr * g
+            new_p.append(_axpy(xp, p, -self.lr, d_p))
             new_b.append(buf)
         return _rebuild(params, new_p), SGDState(_rebuild(params, new_b), state.count + 1)

@@ -49,6 +49,26 @@ def test_matches_torch_sgd_for_50_steps(xp, opts):
     assert state.count == 50
 
 
+@pytest.mark.parametrize("opts", GRID, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_float32_matches_torch_sgd_bit_for_bit(opts):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal((64, 33)).astype(np.float32)
+    noise = rng.standard_normal((30, 64, 33)).astype(np.float32)
+    tp = torch.tensor(p0, requires_grad=True)
+    topt = torch.optim.SGD([tp], lr=0.037, **opts)
+    opt = reflora.SGD(0.037, **opts)
+    params = (p0,)
+    state = opt.init(params)
+    for t in range(30):
+        g = np.float32(0.5) * (tp.detach().numpy() - np.float32(1.0)) + noise[t]
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        params, state = opt.step(params, (g,), state)
+        np.testing.assert_array_equal(params[0].view(np.uint32), tp.detach().numpy().view(np.uint32),
+                                      err_msg=f"step {t + 1}")
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(lr=-0.1), dict(lr=0.1, momentum=-0.5), dict(lr=0.1, weight_decay=-1.0),
     dict(lr=0.1, nesterov=True), dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
@@ -101,5 +121,7 @@ def test_mismatched_structures_and_shapes_are_errors():
         opt.step(p, {"A": np.ones(2, dtype=np.float32)}, opt.init(p))
     with pytest.raises(TypeError, match="SGDState"):
         opt.step(p, p, None)
+    with pytest.raises(ValueError, match="momentum buffer"):
+        reflora.SGD(0.1, momentum=0.9).step(p, p, reflora.SGDState({"A": np.ones((3, 2))}, 1))
     with pytest.raises(ValueError, match="finite"):
         reflora.SGD(float("nan"))

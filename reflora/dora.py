@@ -38,7 +38,9 @@ the forward. ``norm_grad="exact"`` adds the terms through n:
 
 so the backward never forms V again. A row with n = 0 (W's row and s B A's
 row cancel exactly) has no direction: ``dora_forward`` raises ValueError
-naming the rows, where PEFT silently produces inf/NaN (no epsilon is added).
+naming the rows, where PEFT silently produces inf/NaN (no epsilon is added); so
+does a non-finite n. In float16 the sum of squares is accumulated in float32
+(as torch.linalg.norm does), so n overflows only past 65504, not past 256.
 
 Merge: W' = RN(g * V), rounded once from float64 to W's dtype; unmerge needs
 the norm n from merge time (W' alone does not determine it: ||W'_o|| = |m_o|),
@@ -98,11 +100,21 @@ class DoraMerged(NamedTuple):
 def _row_norms(xp, W, A, B, s):
     # V = W + s B A: the O x I adapted weight (DoRA's norm needs it; PEFT forms it too)
     V = W + s * xp.matmul(B, A)
+    if V.dtype == getattr(xp, "float16", None):
+        # Note: float16's sum of squares overflows (65504) once a row norm reaches 256; accumulate
+        # in float32 and round n back to float16, as torch.linalg.norm (PEFT's get_weight_norm) does.
+        V32 = xp.astype(V, xp.float32)
+        return V, xp.astype(xp.sqrt(xp.sum(V32 * V32, axis=1)), xp.float16)
     # n = ||V_o||_2 per output row
     return V, xp.sqrt(xp.sum(V * V, axis=1))
 
 
 def _check_nonzero(xp, n_O):
+    if not bool(xp.all(xp.isfinite(n_O))):
+        rows = np.nonzero(~np.isfinite(np.asarray(to_numpy(n_O))))[0].tolist()
+        raise ValueError(
+            f"DoRA row norm ||W + s B A||_o is not finite for rows o = {rows[:10]}{' ...' if len(rows) > 10 else ''} "
+            f"in {n_O.dtype}; expected finite norms (W + s B A holds inf/NaN, or a norm exceeds the dtype's range)")
     if bool(xp.any(n_O == 0)):
         rows = np.nonzero(np.asarray(to_numpy(n_O)) == 0)[0].tolist()
         raise ValueError(
@@ -152,7 +164,7 @@ def dora_forward(x, A, B, m, W, *, scale, bias=None, dropout_mask=None, norm_gra
       (y, cache): y (..., O) in x's namespace and dtype, and a ``DoraCache``.
 
     Raises:
-      ValueError: shapes that do not fit; an unknown norm_grad; a row with n = 0.
+      ValueError: shapes that do not fit; an unknown norm_grad; a row with n = 0 or n not finite (inf or NaN).
       TypeError: non-arrays, mixed dtypes or libraries.
 
     Example:
@@ -301,7 +313,7 @@ def dora_merge(W, A, B, m, *, scale) -> DoraMerged:
       float64 host row norms that ``dora_unmerge`` needs.
 
     Raises:
-      ValueError: shapes that do not fit; a row with n = 0.
+      ValueError: shapes that do not fit; a row with n = 0 or n not finite.
       TypeError: non-arrays or mixed libraries.
 
     Example:

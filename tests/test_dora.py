@@ -269,3 +269,33 @@ def test_bfloat16_merge_is_rounded_once_from_float64():
     # within half a bfloat16 ulp of the float64 value (8 significant bits: half an ulp <= 2^-8 |ref|)
     err = np.abs(got.weight.astype(np.float64) - ref)
     assert np.all(err <= np.abs(ref) * 2.0 ** -8)
+
+
+def test_float16_row_norm_does_not_overflow(xp):
+    # row norms near 320 and 400: float16's sum of squares (>= 65504) would overflow to inf and give g = 0
+    if not hasattr(xp, "float16"):
+        pytest.skip("no float16 in this namespace")
+    rng = np.random.default_rng(7)
+    W = np.full((2, 16), 80.0)
+    W[1] = 100.0
+    A, B = rng.standard_normal((2, 16)) * 0.1, rng.standard_normal((2, 2)) * 0.1
+    x, m = rng.standard_normal((3, 16)), np.array([480.0, 200.0])   # g near 1.5 and 0.5
+    h = [xp.asarray(a.astype(np.float16)) for a in (x, A, B, m, W)]
+    y, c = dora_forward(*h, scale=1.0)
+    q = [to_numpy(a).astype(np.float64) for a in h]
+    n = np.linalg.norm(q[4] + q[2] @ q[1], axis=1)
+    assert_close(to_numpy(c.n_O).astype(np.float64), n, name="n", rel=2.0 ** -10)
+    ref = (q[3] / n) * (q[0] @ (q[4] + q[2] @ q[1]).T)
+    assert_close(to_numpy(y).astype(np.float64), ref, name="y", rel=2.0 ** -6)
+
+
+def test_non_finite_row_norm_is_a_clear_error(xp):
+    if not hasattr(xp, "float16"):
+        pytest.skip("no float16 in this namespace")
+    W = np.array([[1.0, 2.0], [60000.0, 60000.0]], dtype=np.float16)   # n_1 = 84853 > 65504: inf in float16
+    args = [xp.asarray(a.astype(np.float16)) for a in (np.ones((1, 2)), np.ones((1, 2)), np.zeros((2, 1)), np.ones(2), W)]
+    with pytest.raises(ValueError, match=r"not finite for rows o = \[1\]"):
+        dora_forward(*args, scale=1.0)
+    W64 = np.array([[1.0, np.nan], [1.0, 0.0]])
+    with pytest.raises(ValueError, match=r"not finite for rows o = \[0\]"):
+        dora_forward(np.ones((1, 2)), np.ones((1, 2)), np.zeros((2, 1)), np.ones(2), W64, scale=1.0)

@@ -105,7 +105,11 @@ def _normalize_xp(xp: Any) -> ModuleType:
         # e.g. "array_api_strict": import it by name.
         import importlib  # noqa: PLC0415
 
-        xp = importlib.import_module(xp)
+        try:
+            xp = importlib.import_module(xp)
+        except ImportError:
+            raise ValueError(f"xp is {xp!r}; expected one of {_CHOICES}, an importable array "
+                             "library name such as 'array_api_strict', or a namespace module") from None
     # Map numpy/cupy to their array_api_compat wrappers, keep others as given.
     return array_api_compat.array_namespace(xp.empty(0))
 

@@ -63,6 +63,11 @@ def test_asarray_from_torch_lists_and_strict():
     assert back.dtype == np.float32
 
 
+def test_asarray_unknown_backend_name_is_a_value_error():
+    with pytest.raises(ValueError, match=r"xp is 'cpu'; expected one of"):
+        reflora.asarray([1.0], xp="cpu")
+
+
 def test_asarray_same_library_does_not_copy():
     a = np.ones(3)
     assert reflora.asarray(a, xp="numpy") is a

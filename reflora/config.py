@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping
+
+import numpy as np
 
 __all__ = ["INIT_SCHEMES", "LoraConfig"]
 
@@ -16,7 +19,7 @@ INIT_SCHEMES = ("kaiming_uniform", "gaussian")
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,8 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig.{name} is {value!r} ({type(value).__name__}); expected an int >= 1")
             if value < 1:
                 raise ValueError(f"LoraConfig.{name} is {value}; expected an int >= 1")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            object.__setattr__(self, name, int(value))  # NumPy integers become plain ints
+        if isinstance(self.alpha, (bool, np.bool_)) or not isinstance(self.alpha, numbers.Real):
             raise ValueError(f"LoraConfig.alpha is {self.alpha!r}; expected a finite real number")
         if not math.isfinite(self.alpha):
             raise ValueError(f"LoraConfig.alpha is {self.alpha}; expected a finite real number")

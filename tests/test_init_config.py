@@ -21,6 +21,13 @@ def test_seed_defaults_and_scale():
     assert LoraConfig(rank=3, alpha=1).scale == 1 / 3
 
 
+def test_numpy_scalars_are_accepted_as_plain_numbers():
+    c = LoraConfig(rank=np.int64(4), alpha=np.float32(8.0), in_features=np.int32(6), out_features=3)
+    assert c == LoraConfig(rank=4, alpha=8.0, in_features=6, out_features=3)
+    assert type(c.rank) is int and type(c.alpha) is float
+    json.dumps(c.to_dict())
+
+
 def test_json_round_trip():
     c = LoraConfig(rank=4, alpha=3.5, in_features=10, out_features=6, use_rslora=True, init="gaussian")
     assert LoraConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c

@@ -588,7 +588,8 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
             raise FormatError(f"{directory}: only adapter_model.bin (a pickle) is present; reflora reads "
                               "safetensors only (re-save with safe_serialization=True)")
         raise FormatError(f"{directory}: no {PEFT_WEIGHTS_NAME}")
-    tensors, _ = load_tensors(weights, xp="numpy", dtype=dtype)
+    tensors, metadata = load_tensors(weights, xp="numpy", dtype=dtype)
+    record = _read_record(metadata, weights)
     modules: dict[str, dict[str, str]] = {}
     extras: dict[str, dict[str, np.ndarray]] = {}  # DoRA magnitudes and lora_B biases (reflora.dora, .lora_bias)
     for name in tensors:
@@ -628,6 +629,14 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
         init = "gaussian" if cfg.get("init_lora_weights") == "gaussian" else "kaiming_uniform"
         out[module] = _build(label, A, B, alpha=float(alpha), use_rslora=bool(cfg.get("use_rslora", False)),
                              init=init, xp=xp, where=weights)
+        saved = (record or {}).get("modules", {}).get(module)
+        if isinstance(saved, dict) and any(saved.get(k) != v for k, v in (
+                ("rank", R), ("alpha", float(alpha)), ("use_rslora", bool(cfg.get("use_rslora", False))))):
+            # a reflora-written file records each module's config: a disagreement means the two
+            # files come from different saves (e.g. one interrupted between its two writes)
+            raise FormatError(f"{directory}: {label}: {PEFT_CONFIG_NAME} says rank {R}, alpha {alpha}, "
+                              f"use_rslora {cfg.get('use_rslora', False)} but {PEFT_WEIGHTS_NAME} was saved with "
+                              f"{saved}; expected the two files of one save")
         _attach_extras(out[module], extras.pop(module, {}), cfg, label, weights, xp)
     if extras:
         raise FormatError(f"{weights}: {sorted(extras)[:5]} have a magnitude vector or lora_B.bias but no "

@@ -299,3 +299,16 @@ def test_hypothesis_random_patterns_both_ways(tmp_path_factory, ranks, alphas, u
     save_peft(d2, adapters)
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(d2)).double().eval()
     assert_close(_peft_out(pm2, x), ref, name="reflora -> PEFT", rel=F64_PEER)
+
+
+def test_weights_and_config_from_different_saves_are_refused(tmp_path):
+    """save_peft writes two files; if only one of them is replaced, load_peft says so."""
+    import shutil
+
+    rng = np.random.default_rng(5)
+    A, B = rng.standard_normal((2, 6)), rng.standard_normal((4, 2))
+    reflora.save_peft(tmp_path / "a", {"fc": reflora.LoraAdapter.from_arrays(A, B, alpha=4.0)})
+    reflora.save_peft(tmp_path / "b", {"fc": reflora.LoraAdapter.from_arrays(A, B, alpha=8.0)})
+    shutil.copy(tmp_path / "b" / "adapter_model.safetensors", tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(reflora.FormatError, match="expected the two files of one save"):
+        reflora.load_peft(tmp_path / "a")

@@ -133,7 +133,8 @@ def dora_weight_norm(W, A, B, *, scale):
       n, shape (O,), in W's namespace and dtype.
 
     Raises:
-      ValueError / TypeError: shapes or dtypes that do not fit.
+      ValueError: W None, or shapes that do not fit.
+      TypeError: non-arrays, mixed dtypes or libraries.
 
     Example:
       >>> import numpy as np
@@ -141,8 +142,12 @@ def dora_weight_norm(W, A, B, *, scale):
       [5.0]
     """
     s = _check_scale(scale)
-    if W is None or not hasattr(W, "shape") or W.ndim != 2:
-        raise ValueError("W is required for DoRA; expected the base weight (O, I)")
+    if W is None:
+        raise ValueError("W is None; DoRA needs the base weight (O, I)")
+    if not hasattr(W, "shape"):
+        raise TypeError(f"W is {type(W).__name__}; expected an array, the base weight (O, I)")
+    if W.ndim != 2:
+        raise ValueError(f"W has shape {tuple(W.shape)}; expected the base weight (O, I)")
     xp, _, _, _, _ = _check_inputs(W[:0, :], A, B, W, None, None)
     return _row_norms(xp, W, A, B, s)[1]
 

@@ -251,6 +251,12 @@ def test_bad_input():
         dora_unmerge(W, A, B, m, scale=1.0, norm=np.ones(3))
     with pytest.raises(ValueError, match="m is 0 in rows"):
         dora_unmerge(W, A, B, np.zeros(4), scale=1.0, norm=np.ones(4))
+    with pytest.raises(TypeError, match="W is list; expected an array"):
+        dora_weight_norm([[1.0] * 3] * 4, A, B, scale=1.0)
+    with pytest.raises(ValueError, match="W is None"):
+        dora_weight_norm(None, A, B, scale=1.0)
+    with pytest.raises(ValueError, match=r"W has shape \(12,\)"):
+        dora_weight_norm(W.reshape(-1), A, B, scale=1.0)
 
 
 def test_bfloat16_merge_is_rounded_once_from_float64():

@@ -147,6 +147,23 @@ def test_correct_torch_forward_and_backward_pass_500_examples(dtype):
     assert max(f.worst.values()) < 1 and max(b.worst.values()) < 1
 
 
+def _scaled_forward(c):
+    def scale_off(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+        return lc.forward(x, A, B, scale=c * scale, W=W, bias=bias, dropout_mask=dropout_mask)
+    return scale_off
+
+
+@pytest.mark.parametrize(("dtype", "c_layer"), [("float16", 1.01), ("bfloat16", 1.03)])
+def test_a_small_scale_error_is_caught_in_half_precision(dtype, c_layer):
+    # with a floor of 4 u_d on the sum of |terms| (the old default) a 1% error passed the search in bfloat16,
+    # and on the 32 x 1024 -> 64 layer of docs/derivations/tolerance.md 3% passed in float16, 30% in bfloat16
+    with pytest.raises(AssertionError, match="y is wrong"):
+        rt.check_forward(_scaled_forward(1.01), dtype=dtype, to="torch", max_examples=100, derandomize=True)
+    p = rt.Problem(lead=(32,), I=1024, O=64, R=8, dtype=dtype, seed=1, W=True, bias=True)
+    with pytest.raises(AssertionError, match="y is wrong"):
+        rt.check_forward_problem(_scaled_forward(c_layer), p, to="torch")
+
+
 def test_correct_float64_passes_at_about_1e12_and_a_1e9_error_fails():
     res = rt.check_forward(lc.forward, dtype="float64", to="torch", max_examples=100, derandomize=True)
     assert res.worst["y"] < 1

@@ -28,6 +28,7 @@ The cache keeps each layer's ``LoraCache`` and pre-activation z_l (N x D_l).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple, Sequence
 
 from .backend import array_namespace
@@ -124,7 +125,7 @@ def stack_forward(x, layers: Sequence[LoraLayer], *, scales, activation="relu", 
       layers: L ``LoraLayer``s (or (A, B, W, bias) tuples); layer l has A (R_l, D_{l-1}),
         B (D_l, R_l), W (D_l, D_{l-1}) or None, bias (D_l,) or None.
       scales: one scale s_l per layer (``LoraConfig.scale``: rsLoRA honoured there), or
-        one number for all.
+        one real number (a NumPy scalar or 0-d array too) for all.
       activation: a name from ACTIVATIONS for every gap, or a sequence of L - 1 names.
       dropout_masks: optional sequence of L masks (or None entries), mask l with h_{l-1}'s shape.
 
@@ -146,8 +147,11 @@ def stack_forward(x, layers: Sequence[LoraLayer], *, scales, activation="relu", 
     L = len(layers)
     if L == 0:
         raise ValueError("layers is empty; expected at least one LoraLayer")
-    if isinstance(scales, (int, float)) and not isinstance(scales, bool):
+    if isinstance(scales, numbers.Real) or getattr(scales, "shape", None) == ():
+        # one number (NumPy scalars and 0-d arrays included) for every layer; _check_scale refuses a bool
         scales = (scales,) * L
+    if isinstance(scales, str) or not hasattr(scales, "__iter__"):
+        raise TypeError(f"scales is {type(scales).__name__}; expected a real number or a sequence of L = {L}")
     scales = tuple(_check_scale(s) for s in scales)
     if len(scales) != L:
         raise ValueError(f"{len(scales)} scales for {L} layers; expected one per layer")

@@ -171,6 +171,17 @@ def test_sgd_trains_a_three_layer_stack_like_torch():
         assert_close(v, tparams[k].detach().numpy(), name=f"{k} after 40 steps", rel=1e-10)
 
 
+def test_one_scale_may_be_a_numpy_scalar_or_0d_array(xp):
+    rng = np.random.default_rng(1)
+    layers = [LoraLayer(xp.asarray(rng.standard_normal((2, 3))), xp.asarray(rng.standard_normal((4, 2)))),
+              LoraLayer(xp.asarray(rng.standard_normal((2, 4))), xp.asarray(rng.standard_normal((2, 2))))]
+    x = xp.asarray(rng.standard_normal((5, 3)))
+    y_ref, _ = stack_forward(x, layers, scales=[0.5, 0.5])
+    for one in (0.5, np.float32(0.5), np.float64(0.5), np.array(0.5), xp.asarray(0.5)):
+        y, _ = stack_forward(x, layers, scales=one)
+        assert_close(y, y_ref, name=f"scales={one!r}", rel=0.0)
+
+
 def test_bad_input():
     l1 = LoraLayer(np.ones((1, 3)), np.ones((4, 1)))
     l2 = LoraLayer(np.ones((1, 5)), np.ones((2, 1)))
@@ -184,5 +195,9 @@ def test_bad_input():
         stack_forward(np.ones((2, 3)), [l1], scales=[1.0, 2.0])
     with pytest.raises(ValueError, match="at least one"):
         stack_forward(np.ones((2, 3)), [], scales=1.0)
+    with pytest.raises(TypeError, match="scales is NoneType; expected a real number"):
+        stack_forward(np.ones((2, 3)), [l1], scales=None)
+    with pytest.raises(TypeError, match="scale is True"):
+        stack_forward(np.ones((2, 3)), [l1], scales=True)
     with pytest.raises(TypeError, match="StackCache"):
         stack_backward(np.ones((2, 4)), reflora.lora_forward(np.ones((2, 3)), l1.A, l1.B, scale=1.0)[1])

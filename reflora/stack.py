@@ -16,7 +16,7 @@ Backward, given dy = dL/dy, from the last layer to the first:
 
 Activations (each forward beside its derivative, micrograd-style):
 
-    relu:       f(z) = max(z, 0)                 f'(z) = [z > 0]   (0 at z = 0, as torch)
+    relu:       f(z) = max(z, 0)                 f'(z) = [z > 0]   (0 at z = 0; NaN and its gradient pass through, as torch)
     gelu_tanh:  f(z) = z/2 (1 + tanh u),  u = c (z + k z^3),  c = sqrt(2/pi), k = 0.044715
                 f'(z) = (1 + tanh u)/2 + z/2 (1 - tanh^2 u) c (1 + 3 k z^2)
                 (torch's ``gelu(approximate="tanh")``, PEFT models' "gelu_new"/"gelu_pytorch_tanh")
@@ -76,8 +76,8 @@ def activation_forward(z, kind: str):
     """
     xp = array_namespace(z)
     if kind == "relu":
-        # max(z, 0)
-        return xp.where(z > 0, z, xp.zeros_like(z))
+        # max(z, 0), written as torch's relu: NaN stays NaN, -0.0 stays -0.0
+        return xp.where(z < 0, xp.zeros_like(z), z)
     if kind == "gelu_tanh":
         # z/2 (1 + tanh(c (z + k z^3)))
         return 0.5 * z * (1.0 + xp.tanh(_C * (z + _K * z * z * z)))
@@ -96,8 +96,8 @@ def activation_backward(da, z, kind: str):
     """
     xp = array_namespace(da, z)
     if kind == "relu":
-        # [z > 0] * da (the subgradient 0 at z = 0, as torch)
-        return xp.where(z > 0, da, xp.zeros_like(da))
+        # [z > 0] * da, as torch's threshold_backward: 0 where z <= 0 (subgradient 0 at z = 0), da where z is NaN
+        return xp.where(z <= 0, xp.zeros_like(da), da)
     if kind == "gelu_tanh":
         t = xp.tanh(_C * (z + _K * z * z * z))
         # (1 + t)/2 + z/2 (1 - t^2) c (1 + 3 k z^2)

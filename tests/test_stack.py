@@ -124,6 +124,19 @@ def test_activations_against_torch():
         assert_close(activation_backward(np.ones_like(z), z, kind), zt.grad.numpy(), name=f"{kind}'", rel=1e-14)
 
 
+def test_relu_at_nan_and_zero_like_torch():
+    torch = pytest.importorskip("torch")
+    z = np.array([-1.0, -0.0, 0.0, np.nan, 2.0, -np.inf, np.inf])
+    da = np.array([3.0, 3.0, 3.0, 3.0, 3.0, 3.0, np.nan])
+    zt = torch.from_numpy(z).requires_grad_(True)
+    out = torch.relu(zt)
+    out.backward(torch.from_numpy(da))
+    y = activation_forward(z, "relu")
+    np.testing.assert_array_equal(y, out.detach().numpy())   # NaN where NaN
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(out.detach().numpy()))
+    np.testing.assert_array_equal(activation_backward(da, z, "relu"), zt.grad.numpy())
+
+
 def test_sgd_trains_a_three_layer_stack_like_torch():
     """A synthetic regression task: recover hidden LoRA updates through a relu/gelu stack, 40 SGD steps."""
     torch = pytest.importorskip("torch")

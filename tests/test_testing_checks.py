@@ -344,11 +344,23 @@ def test_no_bound_where_the_emulated_dtype_overflows():
     pol = rt.TolerancePolicy()
     ref = np.array([1e5, 1.0])
     # float16 cannot hold 1e5: the emulation overflows there, so an inf from the candidate is no failure
-    assert _compare("y", np.array([np.inf, 1.0]), ref, np.array([np.inf, 1.0]), 1e5, pol, "float64",
+    assert _compare("y", np.array([np.inf, 1.0]), ref, np.array([np.inf, 1.0]), 1e5, pol, "float16",
                     check_dtype=False) == 0.0
     # where the emulation is finite, a candidate's inf is a failure
     with pytest.raises(_Fail, match=r"candidate gives inf at \(1,\)"):
-        _compare("y", np.array([1e5, np.inf]), ref, np.array([1e5, 1.0]), 1e5, pol, "float64", check_dtype=False)
+        _compare("y", np.array([1e5, np.inf]), ref, np.array([1e5, 1.0]), 1e5, pol, "float16", check_dtype=False)
+
+
+def test_an_overflowed_element_does_not_hide_a_wrong_finite_one():
+    from reflora.testing.checks import _Fail, _compare
+
+    pol = rt.TolerancePolicy()
+    ref = np.array([1e5, 1.0, 2.0])
+    emul = np.array([np.inf, 1.0, 2.0])
+    # the finite elements are still compared: 1.0 and 2.0 pass, 1.5 for 2.0 fails
+    assert _compare("y", np.array([np.inf, 1.0, 2.0]), ref, emul, 1e5, pol, "float16", check_dtype=False) < 1
+    with pytest.raises(_Fail, match=r"(?s)y is wrong: max abs error 0.5 at index \(2,\).*1 left out"):
+        _compare("y", np.array([np.inf, 1.0, 1.5]), ref, emul, 2.0, pol, "float16", check_dtype=False)
 
 
 def test_an_array_api_candidate_gets_its_own_arrays_and_results_come_back_through_dlpack():

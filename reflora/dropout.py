@@ -32,7 +32,7 @@ def dropout_mask(shape: Any, p: float, *, seed: int, xp: Any = None, dtype: Any 
     """An inverted-dropout mask m of ``shape``: 0 with probability p, else 1/(1-p).
 
         keep_i ~ Bernoulli(1 - p) (keep_i = [u_i >= p], u_i ~ U[0, 1) on the host)
-        m_i    = keep_i / (1 - p)
+        m_i    = keep_i / (1 - p)   (1 - p rounded first, as torch; see Returns)
 
     p = 0 gives all ones (dropout off); p = 1 gives all zeros, as torch's
     ``F.dropout(x, 1.0)`` (the LoRA branch is switched off).
@@ -46,9 +46,10 @@ def dropout_mask(shape: Any, p: float, *, seed: int, xp: Any = None, dtype: Any 
       dtype: a real floating dtype, normally x's.
 
     Returns:
-      The mask, an array of ``shape`` and ``dtype`` in ``xp``. 1/(1-p) is
-      rounded once to ``dtype`` (so its product with x is exact only when
-      1/(1-p) is representable, e.g. p = 0.5; PEFT scales x the same way).
+      The mask, an array of ``shape`` and ``dtype`` in ``xp``. The factor is
+      torch's (``nn.Dropout``, so PEFT's): 1 / RN(1 - p) divided in float32
+      (float64 for float64), then rounded to ``dtype``. At float32 this can
+      differ by 1 ulp from RN(1/(1-p)) (p = 0.15, say).
 
     Raises:
       ValueError: p outside [0, 1], or a negative dimension.
@@ -80,7 +81,9 @@ def dropout_mask(shape: Any, p: float, *, seed: int, xp: Any = None, dtype: Any 
     p = float(p)
     # u ~ U[0, 1): keep when u >= p, i.e. with probability 1 - p
     keep = rng.random(dims) >= p
-    # inverted scaling 1/(1-p), rounded once to the target dtype; p = 1 keeps nothing
-    factor = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-    host = np.where(keep, factor, 0.0).astype(dtype_name(dt))
+    # inverted scaling as torch's dropout computes it: 1 / RN(1 - p) in float32 (float64 for float64),
+    # then rounded to the target dtype; p = 1 keeps nothing
+    op = np.float64 if dtype_name(dt) == "float64" else np.float32
+    factor = op(0.0) if p == 1.0 else op(1.0) / op(1.0 - p)
+    host = np.where(keep, factor, op(0.0)).astype(dtype_name(dt))
     return target.asarray(np.ascontiguousarray(host))

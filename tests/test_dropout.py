@@ -35,6 +35,17 @@ def test_mask_values_are_zero_or_inverse_keep(xp, shape, p, seed):
         assert (m == 1.0).all()
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_scale_factor_is_torch_dropouts(dtype):
+    torch = pytest.importorskip("torch")
+    for p in [0.15, 0.1, 0.3, 0.05] + np.linspace(0.01, 0.99, 99).tolist():
+        m = dropout_mask((256,), p, seed=0, xp="numpy", dtype=dtype)
+        t = torch.nn.Dropout(p)(torch.ones(256, dtype=getattr(torch, dtype)))
+        ours, theirs = m[m != 0], t[t != 0]
+        if ours.size and theirs.numel():
+            assert float(ours[0]) == float(theirs[0]), (dtype, p, float(ours[0]), float(theirs[0]))
+
+
 def test_keep_rate_and_mean(xp):
     # 200k Bernoulli(0.7) draws: the keep rate is within 5 standard deviations of 0.7
     n, p = 200_000, 0.3

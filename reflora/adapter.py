@@ -214,10 +214,6 @@ class LoraAdapter:
             self.step(self.backward(dy), sgd)
         return losses
 
-    def delta_weight(self) -> Any:
-        """The dense update s B A, (O, I). Forms the O x I product: for merging only."""
-        return self.scale * self.xp.matmul(self.B, self.A)
-
     def merge(self) -> None:
         """W <- RN(W + s B A), correctly rounded to W's dtype (``reflora.merge``)."""
         from .merge import merge  # noqa: PLC0415 - reflora.merge imports nothing of the adapter's

@@ -94,6 +94,15 @@ def test_policy_overrides_most_specific_wins():
     ({"k": 0.5}, "k is 0.5"),
     ({"overrides": {"dA": {"rtol": 1}}}, "expected k, floor_rel, floor_abs"),
     ({"overrides": {"dA/float8": {"k": 1}}}, "tensor/dtype"),
+    ({"overrides": {"float8": {"k": 1}}}, "override key 'float8'"),
+    ({"overrides": {"dW": {"k": 1}}}, "override key 'dW'"),
+    ({"overrides": {"float16/dA": {"k": 1}}}, "override key 'float16/dA'"),
+    ({"overrides": {"dA/float16/x": {"k": 1}}}, "override key 'dA/float16/x'"),
+    ({"overrides": {"dA": {"k": 0.5}}}, "sets k = 0.5"),
+    ({"overrides": {"dA": {"k": math.inf}}}, "sets k = inf"),
+    ({"overrides": {"y": {"floor_rel": -1e-3}}}, "sets floor_rel = -0.001"),
+    ({"overrides": {"y": {"floor_abs": math.nan}}}, "sets floor_abs = nan"),
+    ({"overrides": {"y": {"floor_abs": "1e-3"}}}, "sets floor_abs = '1e-3'"),
 ])
 def test_policy_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=re.escape(match)):

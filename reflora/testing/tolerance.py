@@ -95,6 +95,7 @@ __all__ = [
     "ACCUMULATE",
     "DTYPES",
     "DEFAULTS",
+    "TENSORS",
     "TENSOR_DEFAULTS",
     "Tolerance",
     "TolerancePolicy",
@@ -109,6 +110,8 @@ __all__ = [
 ]
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: The tensor names a tolerance can be set for (see the module docstring).
+TENSORS = ("y", "dx", "dA", "dB", "A", "B", "W", "y_B0", "y_merged")
 ACCUMULATE = ("float32", "float64", "dtype")
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _NP = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": _BF16}
@@ -367,7 +370,8 @@ class TolerancePolicy:
         specific keys win: "dA/float16" over "dA" over "float16" over the defaults.
 
     Raises:
-      ValueError: an unknown accumulate, override key or field.
+      ValueError: an unknown accumulate, override key (a dtype, a name in TENSORS, or
+        "tensor/dtype") or field, or a field value that is not finite (k >= 1, floors >= 0).
 
     Example:
       >>> p = TolerancePolicy(overrides={"dA/bfloat16": {"k": 4}})
@@ -385,12 +389,19 @@ class TolerancePolicy:
         if not (isinstance(self.k, (int, float)) and math.isfinite(self.k) and self.k >= 1):
             raise ValueError(f"k is {self.k!r}; expected a finite number >= 1")
         for key, fields in self.overrides.items():
+            parts = key.split("/") if isinstance(key, str) else []
+            if not (len(parts) == 1 and (parts[0] in DTYPES or parts[0] in TENSORS)
+                    or len(parts) == 2 and parts[0] in TENSORS and parts[1] in DTYPES):
+                raise ValueError(f"override key {key!r}; expected 'dtype', 'tensor' or 'tensor/dtype' with dtype "
+                                 f"one of {DTYPES} and tensor one of {TENSORS}")
             unknown = set(fields) - {"k", "floor_rel", "floor_abs"}
             if unknown:
                 raise ValueError(f"override {key!r} has fields {sorted(unknown)}; expected k, floor_rel, floor_abs")
-            parts = key.split("/")
-            if len(parts) > 2 or (len(parts) == 2 and parts[1] not in DTYPES):
-                raise ValueError(f"override key {key!r}; expected 'dtype', 'tensor' or 'tensor/dtype'")
+            for f, v in fields.items():
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                if not ok or v < (1 if f == "k" else 0):
+                    raise ValueError(f"override {key!r} sets {f} = {v!r}; expected a finite number "
+                                     f">= {1 if f == 'k' else 0}")
 
     def tolerance(self, tensor: str, dtype: Any) -> Tolerance:
         """The Tolerance for one tensor name ("y", "dA", ...) and dtype."""

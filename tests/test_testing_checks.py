@@ -313,6 +313,18 @@ def test_reproduction_snippet_reruns_the_failure():
     assert str(again.value).splitlines()[0] == msg.splitlines()[0]
 
 
+def test_reproduction_snippet_is_valid_python_with_a_callable_converter():
+    import ast
+
+    with pytest.raises(AssertionError) as info:
+        rt.check_backward(lc.bwd_no_scale_in_dA, dtype="float16", to=rt.converter("torch"), max_examples=50,
+                          derandomize=True)
+    snippet = str(info.value).split("Reproduce (reruns just this case):\n", 1)[1]
+    code = "\n".join(line[4:] for line in snippet.splitlines() if line.startswith("    "))
+    ast.parse(code)
+    assert "\nto = ...  # your converter\n" in code and code.rstrip().endswith(", to=to)")
+
+
 def test_outputs_in_the_wrong_dtype_are_reported():
     def upcasts(x, A, B, **kw):
         return lc.forward(x.float(), A.float(), B.float(), **{k: (v.float() if torch.is_tensor(v) else v)

@@ -239,8 +239,11 @@ def _fail(check: str, fn_vars: Sequence[tuple[str, Any]], problem: Problem, deta
         lines.append(f"    options = rt.{extra!r}")
     if to is None or to == "numpy":
         to_arg = ""
+    elif isinstance(to, str):
+        to_arg = f", to={to!r}"
     else:
-        to_arg = f", to={to!r}" if isinstance(to, str) else ", to=...  # your converter"
+        lines.append("    to = ...  # your converter")
+        to_arg = ", to=to"
     lines.append(f"    rt.{call}{to_arg})")
     err = AssertionError("\n".join(lines))
     if exc is not None:

@@ -129,3 +129,28 @@ def test_missing_results_and_tensors_fail(golden, tmp_path, capsys):
 def test_a_folder_that_is_not_golden_is_a_usage_error(tmp_path, capsys):
     assert main(["golden", "check", str(tmp_path), "--results", str(tmp_path)]) == 2
     assert "manifest.json does not exist; expected a folder written by `reflora golden write`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.pop("cases"), "'cases' is None; expected a list"),
+    (lambda m: m["cases"][0].pop("outputs"), r"cases\[0\]: 'outputs' is None"),
+    (lambda m: m["cases"][1].update(file="../x.safetensors"), r"cases\[1\]: 'file' is '../x.safetensors'"),
+    (lambda m: m["cases"][0]["outputs"]["y"].pop("tolerance"), r"outputs\['y'\] has tolerance None"),
+    (lambda m: m["cases"][0]["outputs"]["y"].update(shape="2x3"), r"outputs\['y'\] has shape '2x3'"),
+])
+def test_a_malformed_manifest_is_a_usage_error(golden, tmp_path, capsys, edit, match):
+    import shutil
+
+    d = tmp_path / "golden"
+    shutil.copytree(golden, d)
+    m = _manifest(str(d))
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert main(["golden", "check", str(d), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err, err
+
+
+def test_the_manifest_is_written_whole_and_nothing_else_is_left(golden):
+    assert not [f for f in os.listdir(golden) if f.endswith(".tmp")]
+    assert _manifest(golden)["cases"]

@@ -53,6 +53,7 @@ A missing results file or tensor is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import FormatError
 from ..core import lora_backward, lora_forward
 from ..safetensors_io import load_tensors, save_tensors
 from .checks import _f64
@@ -180,9 +182,18 @@ def write_golden(directory: str, *, seed: int = 0, policy: TolerancePolicy | Non
 
     manifest = {"format": FORMAT, "version": VERSION, "reflora": __version__, "policy": policy.to_dict(),
                 "cases": entries}
-    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.write("\n")
+    # written next to its final name and renamed, so a reader never sees half a manifest
+    path = os.path.join(directory, MANIFEST)
+    tmp = os.path.join(directory, f".{MANIFEST}.{os.getpid()}.tmp")  # open(), not mkstemp: the usual permissions
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return [e["name"] for e in entries]
 
 
@@ -209,10 +220,35 @@ def _read_manifest(directory: str) -> dict:
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist; expected a folder written by `reflora golden write`") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+        raise FormatError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{path} holds a JSON {type(manifest).__name__}; expected an object")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{path} has format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-                         f"expected {FORMAT!r} version {VERSION}")
+        raise FormatError(f"{path} has format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+                          f"expected {FORMAT!r} version {VERSION}")
+    cases = manifest.get("cases")
+    if not isinstance(cases, list):
+        raise FormatError(f"{path}: 'cases' is {cases!r:.60}; expected a list")
+    for i, case in enumerate(cases):
+        where = f"{path}: cases[{i}]"
+        if not isinstance(case, dict):
+            raise FormatError(f"{where} is {case!r:.60}; expected an object")
+        for key in ("name", "file"):
+            v = case.get(key)
+            if not (isinstance(v, str) and v and v not in (".", "..") and "/" not in v and "\\" not in v):
+                raise FormatError(f"{where}: {key!r} is {v!r:.60}; expected a file name without a folder")
+        outputs = case.get("outputs")
+        if not isinstance(outputs, dict):
+            raise FormatError(f"{where}: 'outputs' is {outputs!r:.60}; expected an object")
+        for name, spec in outputs.items():
+            shape = spec.get("shape") if isinstance(spec, dict) else None
+            tol = spec.get("tolerance") if isinstance(spec, dict) else None
+            if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                    for n in shape)):
+                raise FormatError(f"{where}: outputs[{name!r}] has shape {shape!r:.60}; expected a list of sizes")
+            if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol) and tol >= 0):
+                raise FormatError(f"{where}: outputs[{name!r}] has tolerance {tol!r:.60}; expected a finite "
+                                  "number >= 0")
     return manifest
 
 
@@ -228,7 +264,8 @@ def check_golden(directory: str, results: str) -> tuple[list[dict], bool]:
       whether every case passed.
 
     Raises:
-      ValueError: the golden folder is missing or not this format.
+      ValueError: the golden folder is missing; FormatError (a ValueError): its manifest or a golden
+        file is not this format.
     """
     manifest = _read_manifest(directory)
     rows, ok = [], True
@@ -250,6 +287,9 @@ def check_golden(directory: str, results: str) -> tuple[list[dict], bool]:
             ok = False
             continue
         for name, spec in case["outputs"].items():
+            if name not in golden:
+                raise FormatError(f"{os.path.join(directory, case['file'])} has no tensor {name!r}, which "
+                                  f"{MANIFEST} lists as an output of case {case['name']!r}")
             want = np.asarray(golden[name], dtype=np.float64)
             if name not in got:
                 row["failures"].append(f"{name}: missing")

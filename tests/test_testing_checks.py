@@ -202,6 +202,18 @@ def test_correct_roundtrip_and_scale_pass(dtype):
     assert rt.check_scale(lc.scaling).examples == len(rt.checks.SCALE_GRID)
 
 
+def test_load_results_that_are_not_pairs_are_reported_for_reflora_files_too():
+    import os
+
+    def load_dict_for_reflora_files(path):
+        A, B = lc.load(path)
+        return {"A": A, "B": B} if os.path.basename(path) == "reflora.safetensors" else (A, B)
+
+    with pytest.raises(AssertionError, match=r"load returned dict; expected \(A, B\)"):
+        rt.check_roundtrip(lc.save, load_dict_for_reflora_files, dtype="float32", layout="peft", to="torch",
+                           max_examples=5, derandomize=True)
+
+
 def test_numpy_candidate_needs_no_conversion():
     def fwd(x, A, B, *, scale, W=None, bias=None):
         y = scale * (x @ A.T) @ B.T + (0 if bias is None else bias)

@@ -504,6 +504,13 @@ def to_dtype_like(a: np.ndarray, like: np.ndarray) -> np.ndarray:
     return a.astype(like.dtype)
 
 
+def _loaded(out: Any) -> Any:
+    """load's result, after checking it is a pair (A, B)."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise _Fail(f"load returned {type(out).__name__}; expected (A, B)")
+    return out
+
+
 def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *, layout: str | None = None,
                             to: Any = None) -> dict[str, float]:
     """save(path, A, B) then load(path) must give A and B back bit for bit, in their dtype.
@@ -542,9 +549,7 @@ def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *,
                 load_tensors(path, xp="numpy")
             except Exception as exc:  # noqa: BLE001
                 raise _Fail(f"the file save wrote is not valid safetensors: {exc}") from exc
-            out = _call("load", load, path)
-            if not isinstance(out, (tuple, list)) or len(out) != 2:
-                raise _Fail(f"load returned {type(out).__name__}; expected (A, B)")
+            out = _loaded(_call("load", load, path))
             same("load(save(A, B))", out[0], a["A"], "A (R, I)")
             same("load(save(A, B))", out[1], a["B"], "B (O, R)")
             if layout is not None:
@@ -557,7 +562,7 @@ def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *,
                 same(f"reflora.load_adapter(layout={layout!r}) of the candidate's file", ad.B, a["B"], "B (O, R)")
                 path2 = os.path.join(tmp, "reflora.safetensors")
                 save_adapter(path2, LoraAdapter.from_arrays(a["A"], a["B"], alpha=1.0), layout=layout)
-                out2 = _call("load", load, path2)
+                out2 = _loaded(_call("load", load, path2))
                 same(f"load of a file reflora.save_adapter wrote (layout {layout!r})", out2[0], a["A"], "A (R, I)")
                 same(f"load of a file reflora.save_adapter wrote (layout {layout!r})", out2[1], a["B"], "B (O, R)")
         return {}

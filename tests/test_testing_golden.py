@@ -65,7 +65,8 @@ def test_files_hold_inputs_in_the_case_dtype_and_float64_expectations_in_the_lay
         if "bias" in f:
             y = y + f["bias"]
         np.testing.assert_allclose(f["y"], y, rtol=1e-12, atol=1e-12)
-        assert f["y"].dtype == np.float64 and t["y"].dtype == np.float64
+        # expectations are stored in float64, whatever the case dtype (f is a float64 copy: check t)
+        assert all(t[name].dtype == np.float64 for name in c["outputs"]), c["name"]
         dA_name = "d_lora_a" if c["layout"] == "seed" else "d_lora_A"
         assert f[dA_name].shape == (f["lora_a"] if c["layout"] == "seed" else f["lora_A"]).shape
 

@@ -9,7 +9,8 @@ File format (version 1)
 
     {"format": "reflora-golden", "version": 1, "reflora": "0.1.0",
      "policy": {...the TolerancePolicy the tolerances were derived with...},
-     "cases": [{"name": "03_float16_seed_rank_gt_in", "file": "03_float16_seed_rank_gt_in.safetensors",
+     "cases": [{"name": "10_float16_seed_rank_gt_in_dropout",
+                "file": "10_float16_seed_rank_gt_in_dropout.safetensors",
                 "dtype": "float16", "layout": "seed", "lead": [2, 3], "I": 5, "O": 7, "R": 8,
                 "alpha": 8.0, "use_rslora": true, "scale": 2.828...,
                 "sgd": {"lr": ..., "momentum": ..., "dampening": ..., "weight_decay": ...,

@@ -14,7 +14,8 @@ from __future__ import annotations
 def pytest_addoption(parser):
     group = parser.getgroup("reflora", "reflora conformance suite (pytest --pyargs reflora.testing.suite)")
     group.addoption("--max-examples", type=int, default=None,
-                    help="reflora suite: hypothesis examples per test (default 100 forward/backward, 50 others)")
+                    help="reflora suite: hypothesis examples per test "
+                         "(default 100 forward/backward, 10 roundtrip, 50 others)")
     group.addoption("--derandomize", action="store_true", default=False,
                     help="reflora suite: a fixed, repeatable sequence of examples")
     group.addoption("--xfails-file", default=None,

@@ -37,7 +37,7 @@ lists what was found and what was skipped. Tests (ids for ``--xfails-file``):
     test_scaling              check_scale
 
 Options: ``--max-examples N`` (hypothesis examples per test; default 100 for
-forward/backward, 50 for the others), ``--derandomize`` (a fixed, repeatable
+forward/backward, 10 for roundtrip, 50 for the others), ``--derandomize`` (a fixed, repeatable
 sequence of examples), ``--xfails-file FILE`` (one test id or id prefix per
 line, e.g. ``test_train_step`` or ``test_forward[bfloat16]``; ``#`` starts a
 comment; listed tests are marked xfail, and lines that match no test are

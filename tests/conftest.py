@@ -90,3 +90,21 @@ def xp(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Skips grouped by reason, one line each (setup.cfg's -r leaves out the per-test lines).
+
+    On a machine without a GPU every CuPy-backend test skips with the same reason; listing
+    each one would bury the result. The GPU suite (benchmarks/gpu.sh) runs them.
+    """
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    groups: dict[str, list[str]] = {}
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        groups.setdefault(reason.removeprefix("Skipped: "), []).append(rep.nodeid.split("::")[0])
+    terminalreporter.section("skipped, grouped by reason")
+    for reason, files in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        terminalreporter.write_line(f"{len(files):4d} in {len(set(files))} file(s): {reason}")

@@ -27,7 +27,6 @@ import contextlib
 import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 import traceback

@@ -27,8 +27,6 @@ import contextlib
 import io
 import os
 import re
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 from typing import NamedTuple

@@ -139,10 +139,10 @@ class LoraAdapter:
             if self.lora_bias is not None:
                 raise ValueError("DoRA with lora_bias is not supported (PEFT's merge of the pair disagrees with "
                                  "its own forward)")
-            y, self._cache = dora_forward(x, self.A, self.B, self.magnitude, self.W, scale=self.scale,
-                                          bias=self.bias, dropout_mask=dropout_mask, norm_grad=self.dora_norm_grad)
+            y, self._cache = dora_forward(x, self.A, self.B, magnitude=self.magnitude, W=self.W, scale=self.scale,
+                                          bias=self.bias, dropout_mask=dropout_mask)
         elif self.lora_bias is not None:
-            y, self._cache = lora_bias_forward(x, self.A, self.B, self.lora_bias, scale=self.scale, W=self.W,
+            y, self._cache = lora_bias_forward(x, self.A, self.B, lora_bias=self.lora_bias, scale=self.scale, W=self.W,
                                                bias=self.bias, dropout_mask=dropout_mask)
         else:
             y, self._cache = lora_forward(x, self.A, self.B, scale=self.scale, W=self.W, bias=self.bias,
@@ -156,7 +156,7 @@ class LoraAdapter:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first (and an unmerged adapter)")
         if isinstance(self._cache, DoraCache):
-            return dora_backward(dy, self._cache)  # DoraGrads(dx, dA, dB, dm)
+            return dora_backward(dy, self._cache, norm_grad=self.dora_norm_grad)  # DoraGrads(dx, dA, dB, dm)
         if isinstance(self._cache, LoraBiasCache):
             return lora_bias_backward(dy, self._cache)  # LoraBiasGrads(dx, dA, dB, dlora_bias)
         return lora_backward(dy, self._cache)
@@ -224,7 +224,7 @@ class LoraAdapter:
             raise RuntimeError("the adapter is already merged")
         if self.magnitude is not None:
             # W <- RN((m / n) (W + s B A)); n is kept for unmerge (W' alone does not determine it)
-            res = dora_merge(self.W, self.A, self.B, self.magnitude, scale=self.scale)
+            res = dora_merge(self.W, self.A, self.B, magnitude=self.magnitude, scale=self.scale)
             self.W, self._dora_norm = res.weight, res.norm
         else:
             self.W, self.bias = merge(self.W, self.A, self.B, scale=self.scale, bias=self.bias,
@@ -238,7 +238,8 @@ class LoraAdapter:
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
         if self.magnitude is not None:
-            self.W = dora_unmerge(self.W, self.A, self.B, self.magnitude, scale=self.scale, norm=self._dora_norm)
+            self.W = dora_unmerge(self.W, self.A, self.B, magnitude=self.magnitude, scale=self.scale,
+                                  norm=self._dora_norm)
         else:
             self.W, self.bias = unmerge(self.W, self.A, self.B, scale=self.scale, bias=self.bias,
                                         lora_bias=self.lora_bias)

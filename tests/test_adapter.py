@@ -140,12 +140,12 @@ def test_dora_and_lora_bias_paths_are_the_functions(xp, kind):
     y = ad.forward(q["x"], dropout_mask=q["mask"])
     g = ad.backward(q["dy"])
     if kind == "dora":
-        y2, c2 = reflora.dora_forward(q["x"], q["A"], q["B"], q["m"], q["W"], scale=s, bias=q["bias"],
+        y2, c2 = reflora.dora_forward(q["x"], q["A"], q["B"], magnitude=q["m"], W=q["W"], scale=s, bias=q["bias"],
                                       dropout_mask=q["mask"])
         g2 = reflora.dora_backward(q["dy"], c2)
         extra, dextra = "m", g.dm
     else:
-        y2, c2 = reflora.lora_bias_forward(q["x"], q["A"], q["B"], q["c"], scale=s, W=q["W"], bias=q["bias"],
+        y2, c2 = reflora.lora_bias_forward(q["x"], q["A"], q["B"], lora_bias=q["c"], scale=s, W=q["W"], bias=q["bias"],
                                            dropout_mask=q["mask"])
         g2 = reflora.lora_bias_backward(q["dy"], c2)
         extra, dextra = "lora_bias", g.dlora_bias
@@ -169,7 +169,7 @@ def test_dora_and_lora_bias_paths_are_the_functions(xp, kind):
     W0, b0 = to_numpy(ad.W).copy(), to_numpy(ad.bias).copy()
     ad.merge()
     if kind == "dora":
-        _same(ad.W, reflora.dora_merge(q["W"], ad.A, ad.B, ad.magnitude, scale=s).weight)
+        _same(ad.W, reflora.dora_merge(q["W"], ad.A, ad.B, magnitude=ad.magnitude, scale=s).weight)
         _same(ad.bias, b0)
     else:
         ref = reflora.merge(q["W"], ad.A, ad.B, scale=s, bias=q["bias"], lora_bias=ad.lora_bias)

@@ -115,6 +115,19 @@ def test_from_arrays_and_errors():
     assert "rank=2" in repr(ad) and reflora.LoraAdapter is LoraAdapter
 
 
+
+def test_from_arrays_sets_every_attribute_init_sets():
+    # one private constructor builds both: an attribute added to one path cannot go missing in the other
+    cfg = LoraConfig(rank=2, in_features=4, out_features=3)
+    made = LoraAdapter(cfg, xp="numpy", dtype="float64", W=np.ones((3, 4)), bias=np.zeros(3))
+    wrapped = LoraAdapter.from_arrays(made.A, made.B, alpha=cfg.alpha, W=made.W, bias=made.bias)
+    assert vars(wrapped).keys() == vars(made).keys()
+    for k in ("A", "B", "W", "bias"):
+        np.testing.assert_array_equal(getattr(wrapped, k), getattr(made, k))
+    for k in ("dtype", "merged", "_cache", "_sgd_state", "dora_norm_grad", "_dora_norm", "magnitude", "lora_bias"):
+        assert getattr(wrapped, k) == getattr(made, k), k
+    assert wrapped.config == made.config
+
 def _extras(xp, *, dora, lora_bias, seed=4):
     rng = np.random.default_rng(seed)
     O, I, R = 5, 8, 3

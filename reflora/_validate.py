@@ -127,12 +127,13 @@ def _check_row_norms(xp: Any, n_O: Any) -> None:
 
 
 def _legacy_arguments(func: str, args: tuple, names: tuple[str, ...], given: dict[str, Any],
-                      renamed: dict[str, tuple[str, Any]] | None = None) -> dict[str, Any]:
+                      renamed: dict[str, tuple[str, Any]] | None = None, *, depth: int = 1) -> dict[str, Any]:
     """Map arguments of an old signature onto the new keyword names, with a DeprecationWarning.
 
     ``args`` are extra positional arguments, in the old order ``names``; ``renamed`` maps
     an old keyword spelling to (new name, the value given or None). Returns ``given``
     (new name -> value) updated; TypeError when an argument arrives twice or too many arrive.
+    ``depth`` is how many reflora frames sit between the user's call and this one.
     """
     renamed = renamed or {}
     if len(args) > len(names):
@@ -152,7 +153,7 @@ def _legacy_arguments(func: str, args: tuple, names: tuple[str, ...], given: dic
         what = [f"{n} positionally" for n in names[:len(args)]]
         what += [f"{old}=" for old, (_, v) in renamed.items() if v is not None]
         warnings.warn(f"{func}: passing {', '.join(what)} is deprecated; pass "
-                      f"{', '.join(n + '=' for n in moved)} instead", DeprecationWarning, stacklevel=3)
+                      f"{', '.join(n + '=' for n in moved)} instead", DeprecationWarning, stacklevel=2 + depth)
     return given
 
 

@@ -219,7 +219,7 @@ def dora_row_norms(xp: Any, W: Any, A: Any, B: Any, s: float) -> tuple[Any, Any]
 def _dora_operands(func, W, A, B, legacy, magnitude, m):
     if legacy or m is not None:
         magnitude = _legacy_arguments(func, legacy, ("magnitude",), {"magnitude": magnitude},
-                                      {"m": ("magnitude", m)})["magnitude"]
+                                      {"m": ("magnitude", m)}, depth=2)["magnitude"]
     if magnitude is None:
         raise TypeError(f"{func}() needs magnitude=, the DoRA magnitude m (O,); got None")
     xp = _check_arrays(("W", "A", "B", "magnitude"), (W, A, B, magnitude))

@@ -328,8 +328,12 @@ def test_old_argument_forms_still_work_with_a_deprecation_warning():
     for a, b in zip(g_old, g):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(dora_backward(dy, cache).dA, g.dA)   # "exact" differs from the default
-    with pytest.warns(DeprecationWarning, match=r"dora_merge: passing magnitude positionally"):
+    with pytest.warns(DeprecationWarning, match=r"dora_merge: passing magnitude positionally") as caught:
         old = dora_merge(W, A, B, m, scale=0.5)
+    assert caught[0].filename == __file__   # the warning points at the caller's line
+    with pytest.warns(DeprecationWarning) as caught:
+        dora_forward(x, A, B, m, W, scale=0.5)
+    assert caught[0].filename == __file__
     new = dora_merge(W, A, B, magnitude=m, scale=0.5)
     np.testing.assert_array_equal(old.weight, new.weight)
     with pytest.warns(DeprecationWarning, match=r"dora_unmerge: passing m= is deprecated"):

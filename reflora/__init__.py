@@ -19,6 +19,8 @@ from .merge import Merged, merge, unmerge
 from .dora import DoraCache, DoraGrads, DoraMerged, dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
 from .stack import LoraLayer, StackCache, StackGrads, stack_backward, stack_forward
 from .resize import Resized, resize_rank
+# optimisers beyond SGD, clipping, LoRA+ (issue 15)
+from .optim import Adam, AdamState, AdamW, clip_grad_norm, loraplus_groups
 
 __version__ = "0.1.0"
 
@@ -66,4 +68,10 @@ __all__ = [
     "stack_forward",
     "unmerge",
     "save_tensors",
+    # optimisers beyond SGD, clipping, LoRA+ (issue 15)
+    "Adam",
+    "AdamState",
+    "AdamW",
+    "clip_grad_norm",
+    "loraplus_groups",
 ]

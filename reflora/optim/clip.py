@@ -107,4 +107,6 @@ def clip_grad_norm(grads: Any, max_norm: float, *, norm_type: float | str = 2.0,
     recip = r.div(xp.ones_like(total), r.add(total, r.scalar(1e-6)))
     coef = r.mul(recip, r.scalar(float(max_norm)))
     coef = xp.where(coef > 1.0, xp.asarray(1.0, dtype=dt), coef)  # torch.clamp(max=1.0); NaN stays NaN
-    return _rebuild(grads, [r.mul(g, coef) for g in vals]), total
+    with np.errstate(invalid="ignore"):  # Note: inf * 0 = NaN is the intended result (NumPy would warn)
+        out = [r.mul(g, coef) for g in vals]
+    return _rebuild(grads, out), total

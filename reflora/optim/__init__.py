@@ -1,4 +1,5 @@
-"""Optimisers with torch.optim's semantics (pure ``init`` / ``step``), gradient clipping, parameter groups."""
+"""Optimisers as pure update rules over arrays, with torch.optim's semantics: SGD, Adam, AdamW;
+gradient clipping (``clip_grad_norm``) and parameter groups (``loraplus_groups``)."""
 
 from .adamw import Adam, AdamState, AdamW
 from .clip import clip_grad_norm

@@ -12,7 +12,7 @@ import pytest
 
 import reflora
 from helpers import assert_close
-from reflora.stack import LoraLayer, stack_backward, stack_forward
+from reflora.ops.stack import LoraLayer, stack_backward, stack_forward
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

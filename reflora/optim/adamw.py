@@ -21,8 +21,11 @@ Rounding. Every line above is computed as torch's single-tensor path
 rounds it (``reflora.optim._arith``): in float32 the results match torch bit
 for bit, except where torch's CPU ``sqrt`` (MKL's vsSqrt, not correctly
 rounded) misses the nearest float32, in about 0.6% of random inputs;
-reflora's sqrt is correctly rounded. float16 is computed as torch does,
-each op in float32 then rounded to float16. The derivation of each rounding,
+reflora's sqrt is correctly rounded. float16 is computed as each op in
+float32, rounded to float16; torch's Half kernels differ in details (add's
+scalar is rounded to float16, lerp and addcmul keep intermediates in
+float32), so float16 results differ from torch's by some ulps in a few
+percent of the elements. The derivation of each rounding,
 and where torch's foreach and fused paths round differently, is on the
 documentation page "AdamW" (docs/derivations/adamw.md).
 

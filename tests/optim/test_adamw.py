@@ -250,3 +250,27 @@ def test_step_is_pure_and_checks_its_inputs():
         opt.step(p, g, None)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
         opt.step(p1, g, s1._replace(max_exp_avg_sq={"A": None, "B": None}))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 70), scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e3]), cls=st.sampled_from(["Adam", "AdamW"]),
+       opts=st.sampled_from(GRID), lr=st.sampled_from([1e-4, 3e-3, 0.1]), seed=st.integers(0, 2**16))
+def test_float32_bit_for_bit_over_shapes_and_scales(n, scale, cls, opts, lr, seed):
+    """Any length (vector body and scalar tail of torch's kernels), noise scale, lr: bit for bit, 3 steps."""
+    import array_api_compat.numpy as xp
+
+    rng = np.random.default_rng(seed)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    noise = (scale * rng.standard_normal((3, n))).astype(np.float32)
+
+    def check(got, want, t):
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"step {t}"
+
+    mp = pytest.MonkeyPatch()
+    try:
+        _run(cls, opts, p0, noise, xp, steps=3, patch_sqrt=True, monkeypatch=mp, lr=lr, check=check)
+    finally:
+        mp.undo()

@@ -227,13 +227,13 @@ def _problem(check: str, step: Callable, seed: int, options: AdamOptions, *, dty
             bound = K * err_emul[k] + K * _UNIT[dtype] * float(np.max(np.abs(r)))
             if not np.isfinite(h).all():
                 idx = tuple(int(i) for i in np.argwhere(~np.isfinite(h))[0])
-                raise _Fail(f"{k} after step {t + 1}: candidate gives {h[idx]} at {idx} where the reference is "
-                            f"{r[idx]!r}")
+                raise _Fail(f"{k} after step {t + 1}: candidate gives {float(h[idx])} at {idx} where the reference is "
+                            f"{float(r[idx])!r}")
             diff = np.abs(h - r)
             idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
             if diff[idx] > bound:
                 raise _Fail(f"{k} after step {t + 1} of {options.steps} is wrong: max abs error {diff[idx]:.4g} at "
-                            f"{idx} (candidate {h[idx]!r}, reference {r[idx]!r}); "
+                            f"{idx} (candidate {float(h[idx])!r}, reference {float(r[idx])!r}); "
                             f"{int(np.sum(diff > bound))} of {diff.size} elements outside the tolerance {bound:.4g} "
                             f"= {K:g} x emulated {dtype} error {err_emul[k]:.4g} + {K:g} u max|{k}|")
             ratios[k] = max(ratios.get(k, 0.0), float(diff[idx]) / bound if bound > 0 else 0.0)

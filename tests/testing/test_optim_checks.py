@@ -83,7 +83,7 @@ def _numpy_step(decoupled, mutation=None):
                     denom = (np.sqrt(v) + eps) / math.sqrt(bc2)
                 else:
                     denom = np.sqrt(v) / math.sqrt(bc2) + eps
-                out[k] = pk - lrs[k] / bc1 * m / denom
+                out[k] = pk - np.float64(lrs[k]) / bc1 * m / denom  # bc1 = 0 gives inf, as tensors do
         return {k: v.astype(dt) for k, v in out.items()}, state
 
     return step

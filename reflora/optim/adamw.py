@@ -8,7 +8,8 @@ eps, weight decay wd):
     g   = g + wd p                           Adam:  L2 decay, folded into the gradient
     m   = m + (1 - b1) (g - m)               first moment (torch's lerp; m_0 = 0)
     v   = b2 v + (1 - b2) g g                second moment (v_0 = 0)
-    vmax = max(vmax, v)                      amsgrad only: the running max of v (raw, not corrected)
+    vmax = max(vmax, v)                      amsgrad only: the running max of v (raw, not corrected;
+                                             optax's scale_by_amsgrad maxes the corrected v instead)
     bc1 = 1 - b1^t,  bc2 = 1 - b2^t          bias corrections, t counted from 1
     p   = p - (lr / bc1) m / (sqrt(v or vmax) / sqrt(bc2) + eps)
 

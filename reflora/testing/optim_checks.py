@@ -184,7 +184,7 @@ def _host(a: Any) -> tuple[np.ndarray, str]:
         return a.detach().cpu().to(torch.float64).numpy(), name
     if hasattr(a, "get") and not isinstance(a, np.ndarray):  # cupy
         a = a.get()
-    h = np.asarray(a) if not hasattr(a, "__dlpack__") or isinstance(a, np.ndarray) else np.asarray(a)
+    h = np.asarray(a)  # NumPy (ml_dtypes bfloat16 too), JAX, array_api_strict
     return h.astype(np.float64), h.dtype.name
 
 

@@ -177,3 +177,77 @@ def test_bad_dtype_and_bad_return_are_reported():
         rt.check_adamw(_numpy_step(True), dtype="float64")
     with pytest.raises(AssertionError, match="expected \\(params dict, state\\)"):
         rt.check_adamw(lambda p, g, s, **kw: p, dtype="float32")
+
+
+def _optax_step(decoupled, *, torch_clip=True):
+    """optax as users chain it, one chain per tensor (LoRA+): adamw, or add_decayed_weights + adam (L2).
+
+    Clipping: torch's coefficient max_norm / (norm + 1e-6) on optax.global_norm, or (torch_clip=False)
+    optax.clip_by_global_norm, which has no 1e-6.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    def step(params, grads, state, *, lr, betas, eps, weight_decay, amsgrad, maximize, loraplus_lr_ratio, max_norm):
+        b1, b2 = betas
+        if state is None:
+            def chain(rate):
+                core = optax.scale_by_amsgrad(b1, b2, eps) if amsgrad else optax.scale_by_adam(b1, b2, eps)
+                decay = optax.add_decayed_weights(weight_decay)
+                # AdamW: p - rate (u + wd p); Adam: the decay enters the gradient first
+                parts = (core, decay) if decoupled else (decay, core)
+                return optax.chain(*parts, optax.scale(-rate))
+            txs = {"A": chain(lr), "B": chain(lr * loraplus_lr_ratio)}
+            state = (txs, {k: txs[k].init(params[k]) for k in params})
+        txs, states = state
+        g = dict(grads)
+        if max_norm is not None:
+            if torch_clip:
+                coef = jnp.minimum(max_norm / (optax.tree.norm(g) + 1e-6), 1.0)
+                g = {k: (v * coef).astype(v.dtype) for k, v in g.items()}
+            else:
+                g, _ = optax.clip_by_global_norm(max_norm).update(g, optax.EmptyState())
+        g = {k: (-v if maximize else v) for k, v in g.items()}
+        new, new_states = {}, {}
+        for k in params:
+            upd, new_states[k] = txs[k].update(g[k], states[k], params[k])
+            new[k] = optax.apply_updates(params[k], upd)
+        return new, (txs, new_states)
+
+    return step
+
+
+def _optax_grid(amsgrad):
+    # maximize: optax has none, and negating g also flips an L2 term's sign, so those settings are left out
+    return [o for o in adam_option_grid() if o.amsgrad == amsgrad and not (o.maximize and o.weight_decay)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_optax_passes_where_its_conventions_are_torchs(decoupled, dtype):
+    pytest.importorskip("optax")
+    check = rt.check_adamw_problem if decoupled else rt.check_adam_problem
+    worst = max(max(check(_optax_step(decoupled), seed, o, dtype=dtype, to="jax").values())
+                for seed in range(1) for o in _optax_grid(False))
+    assert worst < 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_optax_amsgrad_is_flagged_it_maxes_the_bias_corrected_moment(dtype):
+    """optax's scale_by_amsgrad keeps max(nu_max, nu_hat), the bias-corrected second moment; torch the raw one."""
+    pytest.importorskip("optax")
+    with pytest.raises(AssertionError, match="is wrong"):
+        for seed in range(2):
+            for o in _optax_grid(True):
+                rt.check_adamw_problem(_optax_step(True), seed, o, dtype=dtype, to="jax")
+
+
+def test_optax_clip_without_torchs_epsilon_is_flagged_in_float32_with_l2_decay():
+    """clip_by_global_norm scales by max_norm / norm, torch by max_norm / (norm + 1e-6): with L2 decay the
+    relative weight of gradient and decay term moves by ~1e-6 / norm, above float32's tolerance."""
+    pytest.importorskip("optax")
+    opts = AdamOptions(weight_decay=0.25, loraplus_lr_ratio=4.0, max_norm=0.5)
+    with pytest.raises(AssertionError, match="is wrong"):
+        for seed in range(2):
+            rt.check_adam_problem(_optax_step(False, torch_clip=False), seed, opts, dtype="float32", to="jax")
+    rt.check_adam_problem(_optax_step(False), 1, opts, dtype="float32", to="jax")  # with torch's 1e-6 it passes

@@ -128,8 +128,8 @@ def test_float32_one_step_differs_from_torch_only_where_torchs_sqrt_does(cls):
 def test_foreach_path_equals_single_tensor_path_on_cpu_and_fused_rounds_differently():
     """On CPU, foreach=True runs the same per-tensor kernels: bit-identical. fused=True has its own kernel.
 
-    Measured here (x86, AVX-512 kernels): fused equals single-tensor after one step and differs in a few
-    elements (by a few ulp) after ten; what it gives is within the float32 tolerance of the kit.
+    Measured here (x86, AVX-512 kernels): fused equals single-tensor after one step; after ten, 1 element
+    of 1073 differs, by one ulp (the bound below leaves room for other CPUs' vector widths).
     """
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal((37, 29)).astype(np.float32)
@@ -150,7 +150,7 @@ def test_foreach_path_equals_single_tensor_path_on_cpu_and_fused_rounds_differen
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(single[0], fused[0])
     ulps = np.abs(single[-1].view(np.int32).astype(np.int64) - fused[-1].view(np.int32))
-    assert 0 < int((ulps > 0).sum()) < 0.01 * ulps.size and ulps.max() <= 64, (int((ulps > 0).sum()), ulps.max())
+    assert 0 < int((ulps > 0).sum()) < 0.01 * ulps.size and ulps.max() <= 4, (int((ulps > 0).sum()), ulps.max())
 
 
 @pytest.mark.parametrize("kwargs", [

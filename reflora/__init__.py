@@ -24,6 +24,8 @@ from .ops.lora_bias import LoraBiasCache, LoraBiasGrads, lora_bias_backward, lor
 from .ops.resize import Resized, resize_rank
 from .ops.stack import LoraLayer, StackCache, StackGrads, stack_backward, stack_forward
 from .optim.sgd import SGD, SGDState
+# optimisers beyond SGD, clipping, LoRA+ (issue 15)
+from .optim import Adam, AdamState, AdamW, clip_grad_norm, loraplus_groups
 
 __version__ = "0.1.0"
 
@@ -74,4 +76,9 @@ __all__ = [
     "stack_backward",
     "stack_forward",
     "unmerge",
+    "Adam",
+    "AdamState",
+    "AdamW",
+    "clip_grad_norm",
+    "loraplus_groups",
 ]

@@ -15,6 +15,8 @@ from .ops.init import init_lora
 from .ops.lora import LoraGrads, lora_backward, lora_forward, mse_loss
 from .ops.lora_bias import LoraBiasCache, lora_bias_backward, lora_bias_forward
 from .optim.sgd import SGD, SGDState
+from .optim.adamw import Adam
+from .optim.clip import clip_grad_norm
 
 __all__ = ["LoraAdapter"]
 
@@ -162,41 +164,52 @@ class LoraAdapter:
             return lora_bias_backward(dy, self._cache)  # LoraBiasGrads(dx, dA, dB, dlora_bias)
         return lora_backward(dy, self._cache)
 
-    def step(self, grads: LoraGrads, sgd: SGD) -> None:
-        """Update A and B in place of the attributes (new arrays; W stays frozen).
+    def step(self, grads: LoraGrads, sgd: SGD | Adam | None = None, *, optimizer: SGD | Adam | None = None,
+             max_norm: float | None = None, norm_type: float = 2.0) -> None:
+        """Update A and B (and m, lora_bias when present) in place of the attributes (new arrays; W stays frozen).
 
-        The optimizer state is kept per ``sgd`` object, so momentum carries
-        over between calls with the same optimizer.
+        ``sgd`` or ``optimizer``: any reflora optimiser (SGD, Adam, AdamW). Its
+        state is kept per optimiser object, so moments carry over between calls
+        with the same one. ``max_norm`` clips the gradients first, over all of
+        them together (``reflora.clip_grad_norm``).
         """
         if self.merged:
             raise RuntimeError("the adapter is merged; unmerge() before training")
-        if not isinstance(sgd, SGD):
-            raise TypeError(f"sgd is {type(sgd).__name__}; expected reflora.SGD")
+        if (sgd is None) == (optimizer is None):
+            raise TypeError("step() takes one optimiser: sgd=... or optimizer=...")
+        opt = sgd if optimizer is None else optimizer
+        if not isinstance(opt, (SGD, Adam)):
+            raise TypeError(f"optimizer is {type(opt).__name__}; expected reflora.SGD, reflora.Adam or reflora.AdamW")
         params = self.params()
         owner, state = self._sgd_state
-        if owner is not sgd:
-            state = sgd.init(params)
+        if owner is not opt:
+            state = opt.init(params)
         g = {"A": grads.dA, "B": grads.dB}
         if "m" in params:
             g["m"] = grads.dm
         if "lora_bias" in params:
             g["lora_bias"] = grads.dlora_bias
-        new, state = sgd.step(params, g, state)
-        self._sgd_state = (sgd, state)
+        if max_norm is not None:
+            g, _ = clip_grad_norm(g, max_norm, norm_type=norm_type)
+        new, state = opt.step(params, g, state)
+        self._sgd_state = (opt, state)
         self.A, self.B = new["A"], new["B"]
         if "m" in new:
             self.magnitude = new["m"]
         if "lora_bias" in new:
             self.lora_bias = new["lora_bias"]
 
-    def fit(self, x: Any, target: Any, *, steps: int, sgd: SGD,
+    def fit(self, x: Any, target: Any, *, steps: int, sgd: SGD | Adam | None = None,
+            optimizer: SGD | Adam | None = None, max_norm: float | None = None, norm_type: float = 2.0,
             callback: Callable[[int, float], Any] | None = None) -> list[float]:
-        """Full-batch MSE training of A and B for ``steps`` SGD steps.
+        """Full-batch MSE training of the adapter's parameters for ``steps`` optimiser steps.
 
         Args:
           x: (..., I) inputs; target: (..., O) desired outputs.
-          steps: number of SGD steps (>= 0).
-          sgd: the optimizer.
+          steps: number of steps (>= 0).
+          sgd, optimizer: the optimiser (one of them): reflora.SGD, Adam or AdamW.
+          max_norm, norm_type: clip the gradients over all parameters first (as
+            torch.nn.utils.clip_grad_norm_ before optimizer.step()); None = no clipping.
           callback: called as callback(step, loss) after each step's forward
             (step counts from 0); return value ignored.
 
@@ -212,7 +225,7 @@ class LoraAdapter:
             losses.append(float(loss))
             if callback is not None:
                 callback(i, losses[-1])
-            self.step(self.backward(dy), sgd)
+            self.step(self.backward(dy), sgd, optimizer=optimizer, max_norm=max_norm, norm_type=norm_type)
         return losses
 
     def merge(self) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from ..backend import array_namespace, dtype_name
+from ._arith import round_sum
 
 __all__ = ["SGD", "SGDState"]
 
@@ -52,16 +53,18 @@ def _real(name: str, value: Any) -> float:
 def _axpy(xp: Any, y: Any, alpha: float, x: Any) -> Any:
     """y + alpha * x as torch's ``y.add(x, alpha=alpha)``: alpha rounded to the dtype, the result rounded once.
 
-    Note: below float64 the sum is formed in float64, where the product of two
-    float32 (or float16) numbers is exact, and rounded once to the dtype; the
-    plain ``y + alpha * x`` would round twice and drift from torch by an ulp.
+    Note: below float64, alpha * x is exact in float64 (two float32 or float16
+    significands), but y + alpha * x rounds there, and rounding that float64
+    sum again to float32 can land on the wrong side of a float32 tie (double
+    rounding): ``round_sum`` keeps the sum's exact error and rounds once, as
+    the fused multiply-add of torch's CPU kernel does.
     """
     dt = y.dtype
     if dtype_name(dt) == "float64":
         return y + alpha * x
     a = float(np.asarray(alpha, dtype=dtype_name(dt)))
     f64 = xp.float64
-    return xp.astype(xp.astype(y, f64) + a * xp.astype(x, f64), dt)
+    return round_sum(xp, a * xp.astype(x, f64), xp.astype(y, f64), dt)
 
 
 def _items(tree: Any, what: str) -> tuple[list, list]:

@@ -19,6 +19,8 @@ from .checks import (CheckResult, check_backward, check_backward_problem, check_
 from .problems import Problem, SGDOptions
 from .tolerance import (DEFAULTS, Tolerance, TolerancePolicy, emulate_backward, emulate_forward, emulate_merge,
                         emulate_train)
+# Adam / AdamW training steps (issue 15)
+from .optim_checks import AdamOptions, check_adam, check_adam_problem, check_adamw, check_adamw_problem
 
 __all__ = [
     "CheckResult",
@@ -45,4 +47,10 @@ __all__ = [
     "emulate_forward",
     "emulate_merge",
     "emulate_train",
+    # Adam / AdamW training steps (issue 15)
+    "AdamOptions",
+    "check_adam",
+    "check_adam_problem",
+    "check_adamw",
+    "check_adamw_problem",
 ]

@@ -139,3 +139,24 @@ def test_mismatched_structures_and_shapes_are_errors():
 def test_errors_say_what_arrived_and_what_was_expected(kwargs, error, message):
     with pytest.raises(error, match=message):
         reflora.SGD(**kwargs)
+
+
+
+def test_float32_update_is_rounded_once_like_torchs_fused_add(xp):
+    # p - lr g = 1 + 2^-24 + 2^-47 (1 - 2896 * 2895 / 2^23): just above the float32 tie 1 + 2^-24.
+    # Rounded once (torch's FMA kernel) it is 1 + 2^-23; rounded to float64 first it becomes the tie
+    # itself, which rounds to even: 1.0 (the double rounding this test guards against).
+    lr = (2**23 + 2896) * 2.0**-47
+    g = -(2**23 - 2895) * 2.0**-23
+    assert np.float32(lr) == lr and np.float32(g) == g  # both exact in float32: only the update rounds
+    assert np.float32(1.0 + np.float64(lr) * -g) == 1.0  # the double rounding
+    opt = reflora.SGD(lr)
+    params = (xp.asarray(np.float32([1.0])),)
+    new, _ = opt.step(params, (xp.asarray(np.float32([g])),), opt.init(params))
+    assert float(to_numpy(new[0])[0]) == 1.0 + 2.0**-23
+    torch = pytest.importorskip("torch")
+    tp = torch.tensor([1.0], requires_grad=True)
+    topt = torch.optim.SGD([tp], lr=lr)
+    tp.grad = torch.tensor([g])
+    topt.step()
+    assert tp.item() == 1.0 + 2.0**-23  # 1.00000012, what torch gives

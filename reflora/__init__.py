@@ -67,3 +67,8 @@ __all__ = [
     "unmerge",
     "save_tensors",
 ]
+
+# adapter arithmetic (issue 16: combination)
+from .arithmetic.combine import COMBINE_METHODS, combine, dare_masks  # noqa: E402
+
+__all__ += ["COMBINE_METHODS", "combine", "dare_masks"]

@@ -70,7 +70,7 @@ import numpy as np
 
 # only public names (reflora's internal modules move; these names stay)
 from .. import LoraAdapter, dora_weight_norm, resize_rank
-from ..backend import array_namespace, asarray
+from ..backend import array_namespace
 
 __all__ = ["COMBINE_METHODS", "combine", "dare_masks"]
 
@@ -393,7 +393,7 @@ def dare_masks(adapters, *, method, density, seed) -> Any:
             masks = {}
             for name, shape in _mask_shapes(method, ad).items():
                 host = (rng.random(shape) < d).astype(np.float64)
-                masks[name] = asarray(host, xp=array_namespace(ad.A), dtype=ad.A.dtype)
+                masks[name] = array_namespace(ad.A).asarray(host, dtype=ad.A.dtype)
             row.append(masks)
         out[m] = row
     return out[""] if single else out

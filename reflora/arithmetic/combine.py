@@ -137,6 +137,13 @@ def _density(method: str, density: Any) -> float | None:
     return d
 
 
+def _real_floating(xp, dtype) -> bool:
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except TypeError:  # Note: ml_dtypes' bfloat16 is outside NumPy's isdtype kinds
+        return getattr(dtype, "name", "") == "bfloat16"
+
+
 def _module_inputs(mod: str, items: list[tuple[int, LoraAdapter, float]]) -> None:
     """Shapes and dtypes of one module's adapters agree."""
     where = f"module {mod!r}: " if mod else ""
@@ -146,7 +153,7 @@ def _module_inputs(mod: str, items: list[tuple[int, LoraAdapter, float]]) -> Non
         array_namespace(a0.A, ad.A, ad.B, names=("adapters[0].A", f"adapters[{i}].A", f"adapters[{i}].B"))
         if ad.A.dtype != a0.A.dtype:
             raise TypeError(f"{where}adapters[{i}] has dtype {ad.A.dtype}; expected {a0.A.dtype}, the dtype of the first")
-        if not xp.isdtype(ad.A.dtype, "real floating"):
+        if not _real_floating(xp, ad.A.dtype):
             raise TypeError(f"{where}adapters[{i}] has dtype {ad.A.dtype}; expected a real floating dtype")
         if ad.A.shape[1] != a0.A.shape[1] or ad.B.shape[0] != a0.B.shape[0]:
             raise ValueError(f"{where}adapters[{i}] has A {tuple(ad.A.shape)}, B {tuple(ad.B.shape)}; expected "
@@ -217,6 +224,13 @@ def _quantile(xp, v, q):
 def _result(xp, A, B, ref: LoraAdapter, *, magnitude=None, lora_bias=None, W=None) -> LoraAdapter:
     # scale 1: alpha = R, no rsLoRA; the base (W, bias) of the first adapter, or the DoRA adapters' W
     R = int(A.shape[0])
+    dt = ref.A.dtype
+
+    def own(a):
+        # Note: NumPy promotes ml_dtypes' bfloat16 times a Python float to float32; round back once
+        return a if a is None or a.dtype == dt else xp.astype(a, dt)
+
+    A, B, magnitude, lora_bias = own(A), own(B), own(magnitude), own(lora_bias)
     return LoraAdapter.from_arrays(A, B, alpha=float(R), use_rslora=False, W=ref.W if W is None else W,
                                    bias=ref.bias, magnitude=magnitude, lora_bias=lora_bias)
 
@@ -249,6 +263,14 @@ def _same_base(xp, mod, items):
     return W
 
 
+def _row_norms(xp, W, A, B, s):
+    """||W + s B A||_row (``reflora.dora_weight_norm``); bfloat16 through float32, rounded back once."""
+    if getattr(W.dtype, "name", "") == "bfloat16":
+        f = [xp.astype(t, xp.float32) for t in (W, A, B)]
+        return xp.astype(dora_weight_norm(*f, scale=s), W.dtype)
+    return dora_weight_norm(W, A, B, scale=s)
+
+
 def _exact(xp, mod, items, rank):
     """Σ w_i ΔW_i with concatenated ranks (scale 1); DoRA as derived in the module docstring."""
     where = f"module {mod!r}: " if mod else ""
@@ -272,7 +294,7 @@ def _exact(xp, mod, items, rank):
     O = W.shape[0]
     one = xp.ones((O,), dtype=W.dtype)
     # c_i = m_i / ||W + s_i B_i A_i||_row (1 for plain LoRA); d = 1 + Σ w_i (c_i - 1)
-    cs = [one if ad.magnitude is None else ad.magnitude / dora_weight_norm(W, ad.A, ad.B, scale=ad.scale)
+    cs = [one if ad.magnitude is None else ad.magnitude / _row_norms(xp, W, ad.A, ad.B, ad.scale)
           for _, ad, _ in items]
     d = one
     for (_, _, w), c in zip(items, cs):
@@ -284,7 +306,7 @@ def _exact(xp, mod, items, rank):
     B = xp.concat([xp.reshape((w * c) / d, (O, 1)) * ad.B for (_, ad, w), c in zip(items, cs)], axis=1)
     A = xp.concat([ad.A * ad.scale for _, ad, _ in items], axis=0)
     # m' = d * ||W + B'A'||_row, so that m'/||W + B'A'|| = d
-    m = d * dora_weight_norm(W, A, B, scale=1.0)
+    m = d * _row_norms(xp, W, A, B, 1.0)
     return _result(xp, A, B, items[0][1], magnitude=m, W=W)
 
 

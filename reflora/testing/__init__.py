@@ -46,3 +46,8 @@ __all__ = [
     "emulate_merge",
     "emulate_train",
 ]
+
+# combination checks (issue 16)
+from .combine_checks import CombineProblem, check_combine, check_combine_problem  # noqa: E402
+
+__all__ += ["CombineProblem", "check_combine", "check_combine_problem"]

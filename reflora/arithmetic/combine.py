@@ -544,7 +544,8 @@ def combine(adapters, weights, *, method="exact", rank=None, density=None, major
             if mm is None and not single:
                 raise ValueError(f"masks has no entry for module {m!r}; expected {{module: [mask dicts]}}")
             _check_masks(xp, m, eff, items, mm)
-        if eff == "exact":
+        if eff == "exact" or (method == "cat" and any(ad.magnitude is not None for _, ad, _ in items)):
+            # cat of DoRA adapters is the exact DoRA combination (one adapter too: not PEFT's "linear")
             out[m] = _exact(xp, m, items, rank)
         else:
             out[m] = _peft(xp, m, eff, items, new_rank=new_rank, density=density, majority=majority_sign_method,

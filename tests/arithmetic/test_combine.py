@@ -208,6 +208,8 @@ def test_exact_dora_combination_is_the_weighted_sum_of_effective_updates(rng, mi
                                                    alpha=2.0, W=W))
     ws = [0.7, -0.4, 1.2][:len(ads)]
     got = reflora.combine(ads, ws)
+    cat = reflora.combine(ads, ws, method="cat")  # cat of DoRA adapters is the same exact combination
+    np.testing.assert_array_equal(cat.magnitude, got.magnitude)
     assert got.magnitude is not None and got.config.rank == sum(ad.config.rank for ad in ads)
     x = rng.standard_normal((4, 8))
     want = x @ (W + sum(w * _effective(ad) for ad, w in zip(ads, ws))).T
@@ -222,6 +224,8 @@ def test_dora_refusals(rng):
     a = _dora(rng, W, 2)
     with pytest.raises(ValueError, match="DoRA.*'exact'"):
         reflora.combine([a, a], [1.0, 1.0], method="linear")
+    one = reflora.combine([a], [1.0], method="cat")  # one adapter: still the exact DoRA path, not "linear"
+    np.testing.assert_allclose(one.forward(np.ones((1, 5))), a.forward(np.ones((1, 5))), rtol=1e-13)
     with pytest.raises(ValueError, match="rank= with DoRA"):
         reflora.combine([a, a], [1.0, 1.0], rank=1)
     noW = reflora.LoraAdapter.from_arrays(a.A, a.B, alpha=3.0, magnitude=a.magnitude)

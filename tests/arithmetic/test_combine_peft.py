@@ -347,3 +347,26 @@ def test_3737_rank_pattern_results_reload(tmp_path):
         np.testing.assert_array_equal(lay.lora_A["default"].weight.detach().numpy(), got[mod].A)
         assert lay.scaling["default"] == 1.0
     assert os.path.exists(tmp_path / "ours" / "adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------- hypothesis: ranks, alphas, weights
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(2, 3), r=st.integers(1, 5), alphas=st.lists(st.sampled_from([1, 3, 8, 16]), min_size=3,
+                                                                  max_size=3),
+       ws=st.lists(st.floats(-2, 2, allow_nan=False).filter(lambda v: abs(v) > 1e-3), min_size=3, max_size=3),
+       seed=st.integers(0, 1000), method=st.sampled_from(["cat", "linear", "ties", "magnitude_prune"]))
+def test_factorwise_equal_peft_hypothesis(n, r, alphas, ws, seed, method):
+    kw = {"density": 0.5} if method in ("ties", "magnitude_prune") else {}
+    with float64_default():
+        model, ours = build([dict(r=r, lora_alpha=a) for a in alphas[:n]], seed=seed)
+        ref = run_peft(model, ws[:n], method, **kw)
+    got = reflora.combine(ours, ws[:n], method=method, **kw)
+    for mod in MODULES:
+        np.testing.assert_array_equal(got[mod].A, ref[mod]["A"])
+        np.testing.assert_array_equal(got[mod].B, ref[mod]["B"])

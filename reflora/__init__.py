@@ -71,6 +71,6 @@ __all__ = [
 ]
 
 # adapter arithmetic (issue 16: combination)
-from .arithmetic.combine import COMBINE_METHODS, combine, dare_masks  # noqa: E402
+from .arithmetic.combine import COMBINE_METHODS, Combined, combine, dare_masks  # noqa: E402
 
-__all__ += ["COMBINE_METHODS", "combine", "dare_masks"]
+__all__ += ["COMBINE_METHODS", "Combined", "combine", "dare_masks"]

@@ -9,7 +9,7 @@ Every result carries scale 1 (alpha = rank, no rsLoRA): the scales sit in the fa
                    B = [B_1, ..., B_n]                  (O, ΣR_i)      B A = Σ w_i ΔW_i exactly
     exact, rank=k  the best rank-k approximation of Σ w_i ΔW_i (Eckart-Young) from the
                    thin factors: QR of B and A^T, SVD of the ΣR x ΣR core
-                   (``reflora.resize_rank``); O x I is never formed
+                   (``reflora.ops.resize.resize_rank``); O x I is never formed
     linear         A = Σ sign(w_i s_i) sqrt|w_i s_i| A_i,  B = Σ sqrt|w_i s_i| B_i   (equal R_i)
                    B A = Σ_i Σ_j ... : cross terms B_i A_j, i != j. Not Σ w_i ΔW_i: PEFT's
                    "very rough approximation", kept for compatibility (PEFT #3004)
@@ -22,14 +22,8 @@ Every result carries scale 1 (alpha = rank, no rsLoRA): the scales sit in the fa
                    B = U_k diag(σ_k), A = V_k^T, optionally clamped at the ``svd_clamp``
                    quantile of their entries; k = svd_rank or the largest input rank
 
-The rules (``peft.utils.merge_utils``), on tensors T_i with weights c_i:
-    task arithmetic        Σ c_i T_i
-    magnitude prune        keep the int(density * size) largest |T_i| entries of each T_i
-    DARE                   T_i * mask_i / density, mask_i ~ Bernoulli(density) elementwise
-    ties / dare_ties       prune (magnitude / DARE); majority sign per entry from the *pruned,
-                           unweighted* T_i (sign of Σ T_i for "total", of Σ sign(T_i) for
-                           "frequency"; 0 counts as +); Σ over i of c_i T_i where sign(T_i)
-                           equals it, divided by how many did (at least 1)
+The rules (``peft.utils.merge_utils``: task arithmetic, magnitude pruning, DARE, TIES)
+are in ``reflora.arithmetic.rules``; the per-module math in ``reflora.arithmetic.methods``.
 
 Where reflora differs from PEFT 0.21.2 on purpose (docs/derivations/combine.md):
 - rsLoRA inputs: the result has scale 1. PEFT's combined adapter inherits use_rslora
@@ -46,6 +40,8 @@ Where reflora differs from PEFT 0.21.2 on purpose (docs/derivations/combine.md):
 - density must lie in [0, 1] ((0, 1] for DARE); PEFT skips pruning above 1 and divides
   by 0 at 0. DARE's randomness is explicit: ``seed`` or ``masks``.
 - magnitude pruning breaks ties by position (stable sort); torch.topk's order is unspecified.
+- svd methods with svd_rank > min(O, I): the factors are padded with zeros to svd_rank
+  (PEFT's come out of rank min(O, I), or fail to multiply with full_matrices=True).
 - Weights are used in the adapters' dtype. PEFT builds ``torch.tensor(weights)`` in
   torch's default dtype, so in float64 its weights are rounded to float32 unless
   ``torch.set_default_dtype(torch.float64)``.
@@ -68,16 +64,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-# only public names (reflora's internal modules move; these names stay)
-from .. import LoraAdapter, dora_weight_norm, resize_rank
 from ..backend import array_namespace
+from .methods import Combined, exact, peft_method
 
-__all__ = ["COMBINE_METHODS", "combine", "dare_masks"]
+__all__ = ["COMBINE_METHODS", "Combined", "combine", "dare_masks"]
 
 PEFT_METHODS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                 "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 COMBINE_METHODS = ("exact",) + PEFT_METHODS
-_FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 _DENSITY = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
             "magnitude_prune_svd")
@@ -89,12 +83,18 @@ _SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 # ---------------------------------------------------------------- inputs
 
 
-def _modules(adapters: Any) -> tuple[list[dict[str, LoraAdapter]], bool]:
-    """The adapters as [{module: LoraAdapter}], and whether they came as single LoraAdapters."""
-    if isinstance(adapters, (LoraAdapter, Mapping)) or not isinstance(adapters, Sequence) or not len(adapters):
+def _is_adapter(a: Any) -> bool:
+    # reflora.LoraAdapter, or anything with its A, B and scale (arithmetic sits below adapter.py)
+    return all(hasattr(a, n) for n in ("A", "B", "scale")) and not isinstance(a, Mapping)
+
+
+def _modules(adapters: Any) -> tuple[list[dict[str, Any]], bool]:
+    """The adapters as [{module: adapter}], and whether they came as single adapters."""
+    if _is_adapter(adapters) or isinstance(adapters, Mapping) or not isinstance(adapters, Sequence) \
+            or not len(adapters):
         raise TypeError(f"adapters is {type(adapters).__name__}; expected a non-empty list of reflora.LoraAdapter "
                         "(one module) or of {module path: LoraAdapter} dicts")
-    single = [isinstance(a, LoraAdapter) for a in adapters]
+    single = [_is_adapter(a) for a in adapters]
     if all(single):
         return [{"": a} for a in adapters], True
     out = []
@@ -103,7 +103,7 @@ def _modules(adapters: Any) -> tuple[list[dict[str, LoraAdapter]], bool]:
             raise TypeError(f"adapters[{i}] is {type(a).__name__}; expected a non-empty {{module path: LoraAdapter}} "
                             "dict like the others (do not mix single adapters and dicts)")
         for m, ad in a.items():
-            if not isinstance(ad, LoraAdapter):
+            if not _is_adapter(ad):
                 raise TypeError(f"adapters[{i}][{m!r}] is {type(ad).__name__}; expected reflora.LoraAdapter")
         out.append(dict(a))
     return out, False
@@ -144,7 +144,7 @@ def _real_floating(xp, dtype) -> bool:
         return getattr(dtype, "name", "") == "bfloat16"
 
 
-def _module_inputs(mod: str, items: list[tuple[int, LoraAdapter, float]]) -> None:
+def _module_inputs(mod: str, items: list[tuple[int, Any, float]]) -> None:
     """Shapes and dtypes of one module's adapters agree."""
     where = f"module {mod!r}: " if mod else ""
     _, a0, _ = items[0]
@@ -158,213 +158,14 @@ def _module_inputs(mod: str, items: list[tuple[int, LoraAdapter, float]]) -> Non
         if ad.A.shape[1] != a0.A.shape[1] or ad.B.shape[0] != a0.B.shape[0]:
             raise ValueError(f"{where}adapters[{i}] has A {tuple(ad.A.shape)}, B {tuple(ad.B.shape)}; expected "
                              f"(R, I) = (R, {a0.A.shape[1]}) and (O, R) = ({a0.B.shape[0]}, R) like the first")
-        if ad.merged:
+        if getattr(ad, "merged", False):
             raise ValueError(f"{where}adapters[{i}] is merged into its W; unmerge() it before combining")
-
-
-# ---------------------------------------------------------------- PEFT's rules (merge_utils), array API
-
-
-def _magnitude_prune(xp, t, density):
-    # keep the int(density * size) largest |t| (ties broken by position); PEFT: torch.topk
-    if density >= 1:
-        return t
-    flat = xp.reshape(t, (-1,))
-    k = int(density * flat.shape[0])
-    order = xp.argsort(-xp.abs(flat), stable=True)  # largest |t| first, equal ones by position
-    keep = xp.zeros(flat.shape, dtype=t.dtype)
-    if k:
-        rank_of = xp.argsort(order, stable=True)  # position of each entry in the descending order
-        keep = xp.where(rank_of < k, xp.ones(flat.shape, dtype=t.dtype), keep)
-    return t * xp.reshape(keep, t.shape)
-
-
-def _dare_prune(t, mask, density):
-    # t * mask / density (PEFT: random_pruning(rescale=True)); density 1 prunes nothing
-    if density >= 1:
-        return t
-    return (t * mask) / density
-
-
-def _rule(xp, method, tensors, weights, density, majority, masks):
-    """PEFT's merge_utils rule ``method`` on a list of same-shape tensors with weights c_i."""
-    base = method.removesuffix("_svd")
-    if base in ("ties", "magnitude_prune"):
-        tensors = [_magnitude_prune(xp, t, density) for t in tensors]
-    elif base in ("dare_linear", "dare_ties"):
-        tensors = [_dare_prune(t, m, density) for t, m in zip(tensors, masks)]
-    T = xp.stack(tensors, axis=0)
-    c = xp.reshape(xp.asarray(weights, dtype=T.dtype), (len(weights),) + (1,) * (T.ndim - 1))
-    if base not in ("ties", "dare_ties"):
-        # task arithmetic: Σ c_i T_i
-        return xp.sum(T * c, axis=0)
-    # elect the sign per entry from the pruned, unweighted tensors
-    sign = xp.sign(T)
-    votes = xp.sum(T, axis=0) if majority == "total" else xp.sum(sign, axis=0)
-    one = xp.ones(votes.shape, dtype=T.dtype)
-    elected = xp.where(votes >= 0, one, -one)
-    agree = xp.astype(sign == elected, T.dtype)
-    # disjoint mean: Σ c_i T_i over the agreeing i, divided by their number (at least 1)
-    count = xp.maximum(xp.sum(agree, axis=0), one)
-    return xp.sum(T * c * agree, axis=0) / count
-
-
-def _quantile(xp, v, q):
-    # linear interpolation between order statistics, as torch.quantile / numpy.quantile's default
-    s = xp.sort(xp.reshape(v, (-1,)))
-    pos = q * (s.shape[0] - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, s.shape[0] - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-# ---------------------------------------------------------------- the methods, one module at a time
-
-
-def _result(xp, A, B, ref: LoraAdapter, *, magnitude=None, lora_bias=None, W=None) -> LoraAdapter:
-    # scale 1: alpha = R, no rsLoRA; the base (W, bias) of the first adapter, or the DoRA adapters' W
-    R = int(A.shape[0])
-    dt = ref.A.dtype
-
-    def own(a):
-        # Note: NumPy promotes ml_dtypes' bfloat16 times a Python float to float32; round back once
-        return a if a is None or a.dtype == dt else xp.astype(a, dt)
-
-    A, B, magnitude, lora_bias = own(A), own(B), own(magnitude), own(lora_bias)
-    return LoraAdapter.from_arrays(A, B, alpha=float(R), use_rslora=False, W=ref.W if W is None else W,
-                                   bias=ref.bias, magnitude=magnitude, lora_bias=lora_bias)
-
-
-def _combined_bias(xp, items):
-    if not any(ad.lora_bias is not None for _, ad, _ in items):
-        return None
-    O = items[0][1].B.shape[0]
-    total = xp.zeros((O,), dtype=items[0][1].A.dtype)
-    for _, ad, w in items:
-        if ad.lora_bias is not None:
-            total = total + (ad.lora_bias * w) * ad.scale
-    return total
-
-
-def _same_base(xp, mod, items):
-    """The base weight W every DoRA adapter of the module was trained on (all equal)."""
-    where = f"module {mod!r}: " if mod else ""
-    W = None
-    for i, ad, _ in items:
-        if ad.magnitude is None:
-            continue
-        if ad.W is None:
-            raise ValueError(f"{where}adapters[{i}] is DoRA but has no base weight W; DoRA's update depends on W "
-                             "(build it with LoraAdapter.from_arrays(..., W=W, magnitude=m))")
-        if W is None:
-            W = ad.W
-        elif W.shape != ad.W.shape or not bool(xp.all(W == ad.W)):
-            raise ValueError(f"{where}the DoRA adapters carry different base weights W; combining needs one base")
-    return W
-
-
-def _row_norms(xp, W, A, B, s):
-    """||W + s B A||_row (``reflora.dora_weight_norm``); bfloat16 through float32, rounded back once."""
-    if getattr(W.dtype, "name", "") == "bfloat16":
-        f = [xp.astype(t, xp.float32) for t in (W, A, B)]
-        return xp.astype(dora_weight_norm(*f, scale=s), W.dtype)
-    return dora_weight_norm(W, A, B, scale=s)
-
-
-def _exact(xp, mod, items, rank):
-    """Σ w_i ΔW_i with concatenated ranks (scale 1); DoRA as derived in the module docstring."""
-    where = f"module {mod!r}: " if mod else ""
-    W = _same_base(xp, mod, items)
-    if W is None:
-        # A = [(w_i A_i) s_i], B = [B_i]: B A = Σ w_i s_i B_i A_i (PEFT's cat, same rounding order)
-        A = xp.concat([(ad.A * w) * ad.scale for _, ad, w in items], axis=0)
-        B = xp.concat([ad.B for _, ad, _ in items], axis=1)
-        lb = _combined_bias(xp, items)
-        if rank is not None:
-            r = resize_rank(A, B, scale=1.0, new_rank=rank)
-            A, B = r.A, r.B
-        return _result(xp, A, B, items[0][1], lora_bias=lb)
-    if rank is not None:
-        raise ValueError(f"{where}rank= with DoRA adapters: the result's update is diag(d)(W + B'A') - W, whose best "
-                         "rank-k approximation is not a DoRA adapter; combine exactly (rank=None)")
-    for i, ad, _ in items:
-        if ad.lora_bias is not None:
-            raise ValueError(f"{where}adapters[{i}] has lora_bias and the module has DoRA adapters; reflora does not "
-                             "support DoRA with lora_bias (PEFT's merge of the pair disagrees with its own forward)")
-    O = W.shape[0]
-    one = xp.ones((O,), dtype=W.dtype)
-    # c_i = m_i / ||W + s_i B_i A_i||_row (1 for plain LoRA); d = 1 + Σ w_i (c_i - 1)
-    cs = [one if ad.magnitude is None else ad.magnitude / _row_norms(xp, W, ad.A, ad.B, ad.scale)
-          for _, ad, _ in items]
-    d = one
-    for (_, _, w), c in zip(items, cs):
-        d = d + w * (c - one)
-    if bool(xp.any(d == 0)):
-        raise ValueError(f"{where}the combined DoRA update has d = 1 + Σ w_i (m_i/n_i - 1) = 0 in some row: that row "
-                         "of W + Σ w_i ΔW_i is LoRA-only and no DoRA adapter on W represents it")
-    # B' = [diag(w_i c_i / d) B_i], A' = [s_i A_i]: W + B'A' = diag(1/d)(W + Σ w_i ΔW_i)
-    B = xp.concat([xp.reshape((w * c) / d, (O, 1)) * ad.B for (_, ad, w), c in zip(items, cs)], axis=1)
-    A = xp.concat([ad.A * ad.scale for _, ad, _ in items], axis=0)
-    # m' = d * ||W + B'A'||_row, so that m'/||W + B'A'|| = d
-    m = d * _row_norms(xp, W, A, B, 1.0)
-    return _result(xp, A, B, items[0][1], magnitude=m, W=W)
-
-
-def _peft(xp, mod, method, items, *, new_rank, density, majority, masks, clamp, full_matrices):
-    where = f"module {mod!r}: " if mod else ""
-    for i, ad, _ in items:
-        if ad.magnitude is not None:
-            raise ValueError(f"{where}adapters[{i}] is DoRA; method {method!r} has no DoRA semantics (PEFT keeps the "
-                             "new magnitude at its initial ||W||, PEFT #3761); use method='exact' or 'cat'")
-        if ad.lora_bias is not None and method not in ("cat", "linear", "svd"):
-            raise ValueError(f"{where}adapters[{i}] has lora_bias; method {method!r} prunes, and pruning a bias has no "
-                             "PEFT definition; use 'exact', 'cat', 'linear' or 'svd'")
-    lb = _combined_bias(xp, items)
-    if method == "cat":
-        return _exact(xp, mod, items, None)
-    if method in _FACTORWISE:
-        ranks = sorted({int(ad.A.shape[0]) for _, ad, _ in items})
-        if len(ranks) > 1:
-            raise ValueError(f"{where}ranks {ranks}; method {method!r} adds the factors entrywise and needs one rank "
-                             "(use 'exact', 'cat' or an svd method)")
-        wA, wB = [], []
-        for _, ad, w in items:
-            ws = w * ad.scale
-            # sqrt|w s| on both factors, the sign on A only
-            wA.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
-            wB.append(math.sqrt(abs(ws)))
-        mA = mB = None
-        if masks is not None:
-            mA = [masks[i]["A"] for i, _, _ in items]
-            mB = [masks[i]["B"] for i, _, _ in items]
-        A = _rule(xp, method, [ad.A for _, ad, _ in items], wA, density, majority, mA)
-        B = _rule(xp, method, [ad.B for _, ad, _ in items], wB, density, majority, mB)
-        return _result(xp, A, B, items[0][1], lora_bias=lb)
-    # the svd family: the rule on the dense updates ΔW_i = (B_i A_i) s_i, then a truncated SVD
-    deltas = [xp.matmul(ad.B, ad.A) * ad.scale for _, ad, _ in items]
-    md = None if masks is None else [masks[i]["delta"] for i, _, _ in items]
-    M = _rule(xp, method, deltas, [w for _, _, w in items], density, majority, md)
-    U, S, Vh = xp.linalg.svd(M, full_matrices=full_matrices)
-    k = min(new_rank, S.shape[0])
-    # B = U_k diag(σ_k), A = V_k^T
-    B = U[:, :k] * S[:k]
-    A = Vh[:k, :]
-    if clamp is not None:
-        hi = _quantile(xp, xp.concat([xp.reshape(B, (-1,)), xp.reshape(A, (-1,))]), clamp)
-        B = xp.clip(B, -hi, hi)
-        A = xp.clip(A, -hi, hi)
-    if k < new_rank:
-        # min(O, I) < svd_rank: pad to the asked rank with zeros (the update is unchanged)
-        O, I = M.shape
-        A = xp.concat([A, xp.zeros((new_rank - k, I), dtype=A.dtype)], axis=0)
-        B = xp.concat([B, xp.zeros((O, new_rank - k), dtype=B.dtype)], axis=1)
-    return _result(xp, A, B, items[0][1], lora_bias=lb)
 
 
 # ---------------------------------------------------------------- DARE masks
 
 
-def _mask_shapes(method: str, ad: LoraAdapter) -> dict[str, tuple]:
+def _mask_shapes(method: str, ad: Any) -> dict[str, tuple]:
     if method.endswith("_svd"):
         return {"delta": (int(ad.B.shape[0]), int(ad.A.shape[1]))}
     return {"A": tuple(int(n) for n in ad.A.shape), "B": tuple(int(n) for n in ad.B.shape)}
@@ -456,11 +257,12 @@ def combine(adapters, weights, *, method="exact", rank=None, density=None, major
     adapter is combined with "linear" whatever the PEFT method.
 
     Args:
-      adapters: a list of ``LoraAdapter`` (one module each), or a list of
+      adapters: a list of ``reflora.LoraAdapter`` (one module each), or a list of
         {module path: LoraAdapter} dicts (a whole model each; a module missing
         from an adapter is combined from the others, as PEFT does). Each module's
         own rank and alpha (PEFT's rank_pattern / alpha_pattern) and rsLoRA scale
-        are read from its LoraAdapter.
+        are read from its LoraAdapter (A, B, scale, and magnitude, W, lora_bias,
+        bias when present: any object with those attributes will do).
       weights: one finite real per adapter (negative subtracts).
       method: one of ``COMBINE_METHODS``.
       rank: "exact" only: k >= 1 for the best rank-k approximation; None keeps all.
@@ -475,23 +277,26 @@ def combine(adapters, weights, *, method="exact", rank=None, density=None, major
         the result (the truncation keeps the same singular vectors; the driver is cuSOLVER's).
 
     Returns:
-      A ``LoraAdapter`` (for a list of LoraAdapter) or {module: LoraAdapter}, in the
-      inputs' namespace and dtype, with scale 1 (alpha = rank, no rsLoRA), the first
+      A ``Combined`` (for a list of adapters) or {module: Combined}, in the inputs'
+      namespace and dtype: A, B, alpha = rank and use_rslora False (scale 1), the first
       adapter's base W and bias, lora_bias when an input has one, and a DoRA magnitude
-      when an input is DoRA ("exact"/"cat" only).
+      when an input is DoRA ("exact"/"cat" only). ``reflora.LoraAdapter.from_arrays(**c._asdict())``
+      turns one into a layer (``reflora.arithmetic`` sits below ``reflora.adapter``, so it
+      returns plain data).
 
     Raises:
       ValueError: an unknown method, bad weights, options that do not belong to the
         method, unequal ranks for a factor-wise method, DoRA or lora_bias where the
         method cannot combine them.
-      TypeError: inputs that are not LoraAdapter, mixed dtypes or libraries.
+      TypeError: inputs that are not adapters, mixed dtypes or libraries.
 
     Example:
       >>> import numpy as np, reflora
       >>> a = reflora.LoraAdapter.from_arrays(np.eye(2), np.eye(2), alpha=4.0, use_rslora=True)   # s = 4/sqrt(2)
       >>> c = combine([a, a], [0.5, -1.5])
-      >>> c.config.rank, c.scale, np.allclose(c.B @ c.A, -4 / np.sqrt(2) * np.eye(2))
+      >>> c.rank, c.scale, np.allclose(c.B @ c.A, -4 / np.sqrt(2) * np.eye(2))
       (4, 1.0, True)
+      >>> layer = reflora.LoraAdapter.from_arrays(**c._asdict())
     """
     if method not in COMBINE_METHODS:
         raise ValueError(f"method is {method!r}; expected one of {COMBINE_METHODS}")
@@ -544,11 +349,12 @@ def combine(adapters, weights, *, method="exact", rank=None, density=None, major
             if mm is None and not single:
                 raise ValueError(f"masks has no entry for module {m!r}; expected {{module: [mask dicts]}}")
             _check_masks(xp, m, eff, items, mm)
-        if eff == "exact" or (method == "cat" and any(ad.magnitude is not None for _, ad, _ in items)):
+        if eff == "exact" or (method == "cat" and any(getattr(ad, "magnitude", None) is not None
+                                                      for _, ad, _ in items)):
             # cat of DoRA adapters is the exact DoRA combination (one adapter too: not PEFT's "linear")
-            out[m] = _exact(xp, m, items, rank)
+            out[m] = exact(xp, m, items, rank)
         else:
-            out[m] = _peft(xp, m, eff, items, new_rank=new_rank, density=density, majority=majority_sign_method,
+            out[m] = peft_method(xp, m, eff, items, new_rank=new_rank, density=density, majority=majority_sign_method,
                            masks=mm, clamp=None if svd_clamp is None else float(svd_clamp),
                            full_matrices=svd_full_matrices)
     return out[""] if single else out

@@ -312,7 +312,7 @@ def check_combine(combine: Callable, *, dtype: str = "float32", to: Any = None, 
       ...     ads = [reflora.LoraAdapter.from_arrays(a["A"], a["B"], alpha=a["alpha"], use_rslora=a["use_rslora"])
       ...            for a in adapters]
       ...     c = reflora.combine(ads, weights)
-      ...     return {"A": c.A, "B": c.B, "alpha": c.config.alpha, "use_rslora": c.config.use_rslora}
+      ...     return {"A": c.A, "B": c.B, "alpha": c.alpha, "use_rslora": c.use_rslora}
       >>> rt.check_combine(mine, dtype="float64", max_examples=5, derandomize=True).examples
       5
     """

@@ -37,7 +37,7 @@ def _reflora_ads(adapters):
 
 
 def _out(c):
-    d = {"A": c.A, "B": c.B, "alpha": c.config.alpha, "use_rslora": c.config.use_rslora}
+    d = {"A": c.A, "B": c.B, "alpha": c.alpha, "use_rslora": c.use_rslora}
     if c.magnitude is not None:
         d["magnitude"] = c.magnitude
     return d

@@ -365,13 +365,19 @@ from hypothesis import strategies as st  # noqa: E402
 @given(n=st.integers(2, 3), r=st.integers(1, 5), alphas=st.lists(st.sampled_from([1, 3, 8, 16]), min_size=3,
                                                                   max_size=3),
        ws=st.lists(st.floats(-2, 2, allow_nan=False).filter(lambda v: abs(v) > 1e-3), min_size=3, max_size=3),
-       seed=st.integers(0, 1000), method=st.sampled_from(["cat", "linear", "ties", "magnitude_prune"]))
-def test_factorwise_equal_peft_hypothesis(n, r, alphas, ws, seed, method):
+       seed=st.integers(0, 1000), method=st.sampled_from(["cat", "linear", "ties", "magnitude_prune"]),
+       rsl=st.lists(st.booleans(), min_size=3, max_size=3))
+def test_factorwise_equal_peft_hypothesis(n, r, alphas, ws, seed, method, rsl):
+    """PEFT's factors are right (each source scale, rsLoRA included, is folded in); its new scale is 1 only
+    when the first adapter is not rsLoRA (#3449), else sqrt(new rank)."""
     kw = {"density": 0.5} if method in ("ties", "magnitude_prune") else {}
     with float64_default():
-        model, ours = build([dict(r=r, lora_alpha=a) for a in alphas[:n]], seed=seed)
+        model, ours = build([dict(r=r, lora_alpha=a, use_rslora=f) for a, f in zip(alphas[:n], rsl)], seed=seed)
         ref = run_peft(model, ws[:n], method, **kw)
     got = reflora.combine(ours, ws[:n], method=method, **kw)
     for mod in MODULES:
         np.testing.assert_array_equal(got[mod].A, ref[mod]["A"])
         np.testing.assert_array_equal(got[mod].B, ref[mod]["B"])
+        new_r = got[mod].rank
+        assert got[mod].scale == 1.0
+        assert ref[mod]["scaling"] == pytest.approx(math.sqrt(new_r) if rsl[0] else 1.0, rel=1e-15)

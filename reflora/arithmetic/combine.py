@@ -76,7 +76,6 @@ _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_
 _DENSITY = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
             "magnitude_prune_svd")
 _DARE = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
-_TIES = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
 _SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 
 
@@ -110,6 +109,8 @@ def _modules(adapters: Any) -> tuple[list[dict[str, Any]], bool]:
 
 
 def _weights(weights: Any, n: int) -> list[float]:
+    if isinstance(weights, np.ndarray) and weights.ndim == 1:
+        weights = weights.tolist()
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise TypeError(f"weights is {type(weights).__name__}; expected a list of {n} real numbers")
     if len(weights) != n:
@@ -236,6 +237,9 @@ def _check_masks(xp, mod, method, items, masks):
             array_namespace(ad.A, m, names=("A", f"masks[{i}][{name!r}]"))
             if tuple(m.shape) != shape:
                 raise ValueError(f"{where}masks[{i}][{name!r}] has shape {tuple(m.shape)}; expected {shape}")
+            if m.dtype != ad.A.dtype:
+                raise TypeError(f"{where}masks[{i}][{name!r}] has dtype {m.dtype}; expected {ad.A.dtype}, the "
+                                "adapters' dtype (0.0 / 1.0 entries)")
             if not bool(xp.all((m == 0) | (m == 1))):
                 raise ValueError(f"{where}masks[{i}][{name!r}] holds values other than 0 and 1; expected a keep-mask")
 

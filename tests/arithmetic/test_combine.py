@@ -398,3 +398,8 @@ def test_errors(rng):
     bad[1]["A"] = np.ones((3, 5))
     with pytest.raises(ValueError, match=r"expected \(2, 5\)"):
         reflora.combine([a, a], [1.0, 1.0], method="dare_linear", density=0.5, masks=bad)
+    bad[1]["A"] = np.ones((2, 5), dtype=bool)
+    with pytest.raises(TypeError, match="dtype bool; expected float64"):
+        reflora.combine([a, a], [1.0, 1.0], method="dare_linear", density=0.5, masks=bad)
+    # weights as a NumPy vector are fine
+    assert_sum(reflora.combine([a, b], np.array([0.5, 2.0])), [a, b], [0.5, 2.0])

@@ -7,7 +7,8 @@ Candidate protocol (arrays in the candidate's library, as ``to=`` converts them)
                 (DoRA problems add "magnitude": (O,) and "W": (O, I), the base weight)
       weights:  a list of floats, one per adapter
       returns:  a dict {"A": (R', I), "B": (O, R'), "alpha": float, "use_rslora": bool}
-                (plus "magnitude": (O,) when the result is a DoRA adapter on the same W)
+                (plus "magnitude": (O,) when the result is a DoRA adapter on the same W,
+                "lora_bias": (O,) when the inputs have one: lora_bias problems add it)
 
 An adapter's update is ΔW = s B A, s = alpha / R (alpha / sqrt(R) with use_rslora); a
 DoRA adapter's is diag(m / ||W + s B A||_row)(W + s B A) - W. The check needs nothing
@@ -22,6 +23,8 @@ Checks, on problems drawn with hypothesis (shapes, ranks, rsLoRA flags, weights)
   sum           combine(as, w) has Σ w_i ΔW_i                         (exact=True)
   linearity     combine(as, c w) = c combine(as, w), candidate against itself  (exact=True)
   cat           combine([a, b], [1, 1]) has ΔW_a + ΔW_b               (exact=True)
+  lora_bias     (lora_bias=True) every check above includes the bias update s c, as one more
+                column of ΔW: [ΔW | s c]
   rsLoRA        an rsLoRA adapter and the plain adapter with the same A, B and scale
                 (alpha' = alpha R / sqrt(R)) combine to the same update     (rslora=True)
 
@@ -71,6 +74,7 @@ class CombineProblem:
     seed: int = 0
     dtype: str = "float32"
     dora: bool = False
+    lora_bias: bool = False
 
     def arrays(self) -> list[dict[str, np.ndarray]]:
         """The adapters as host arrays in ``dtype`` (float64 copies: exactly the rounded values)."""
@@ -88,6 +92,9 @@ class CombineProblem:
                 ad["magnitude"] = (n * rng.uniform(0.8, 1.2, self.O)).astype(dt).astype(np.float64)
                 ad["W"] = W
             out.append(ad)
+        if self.lora_bias:  # drawn last: the other arrays do not depend on it
+            for ad in out:
+                ad["lora_bias"] = rng.standard_normal(self.O).astype(dt).astype(np.float64)
         return out
 
 
@@ -120,24 +127,29 @@ class _Fail(Exception):
 
 
 def _update(ad: dict) -> np.ndarray:
-    """ΔW of a host adapter dict (float64), DoRA's effective update when it has a magnitude."""
+    """ΔW of a host adapter dict (float64), DoRA's effective update when it has a magnitude; with a
+    lora_bias c, the bias update s c as one more column, [ΔW | s c] (the input x extended by a 1)."""
     R = ad["A"].shape[0]
     s = _scale(ad["alpha"], R, ad["use_rslora"])
     lora = s * ad["B"] @ ad["A"]
-    if ad.get("magnitude") is None:
-        return lora
-    V = ad["W"] + lora
-    return (ad["magnitude"] / np.linalg.norm(V, axis=1))[:, None] * V - ad["W"]
+    if ad.get("magnitude") is not None:
+        V = ad["W"] + lora
+        return (ad["magnitude"] / np.linalg.norm(V, axis=1))[:, None] * V - ad["W"]
+    if ad.get("lora_bias") is not None:
+        return np.concatenate([lora, s * ad["lora_bias"][:, None]], axis=1)
+    return lora
 
 
 def _tolerance(ads: list[dict], weights: Sequence[float], M: np.ndarray, dtype: str, k: int) -> float:
-    O, I = M.shape
+    O, I = M.shape  # I + 1 columns with a lora_bias
     R_tot, n = sum(a["A"].shape[0] for a in ads), len(ads)
     T = np.zeros_like(M)
     D = np.zeros_like(M)
     for a, w in zip(ads, weights):
         s = _scale(a["alpha"], a["A"].shape[0], a["use_rslora"])
         sBA = abs(s) * np.abs(a["B"]) @ np.abs(a["A"])
+        if a.get("lora_bias") is not None:
+            sBA = np.concatenate([sBA, abs(s) * np.abs(a["lora_bias"])[:, None]], axis=1)
         T += abs(w) * sBA
         if a.get("magnitude") is not None:
             V = a["W"] + s * a["B"] @ a["A"]
@@ -163,11 +175,13 @@ def _to_candidate(ads: list[dict], conv: Callable, dtype: str) -> list[dict]:
         if a.get("magnitude") is not None:
             c["magnitude"] = conv(a["magnitude"].astype(dt))
             c["W"] = conv(a["W"].astype(dt))
+        if a.get("lora_bias") is not None:
+            c["lora_bias"] = conv(a["lora_bias"].astype(dt))
         out.append(c)
     return out
 
 
-def _result_update(res: Any, W: np.ndarray | None, what: str) -> np.ndarray:
+def _result_update(res: Any, W: np.ndarray | None, what: str, bias: bool = False) -> np.ndarray:
     if not isinstance(res, dict) or not {"A", "B", "alpha", "use_rslora"} <= set(res):
         raise _Fail(f"{what} returned {type(res).__name__}; expected a dict with A, B, alpha, use_rslora")
     A, B = _to_host(res["A"], f"{what}['A']"), _to_host(res["B"], f"{what}['B']")
@@ -181,6 +195,13 @@ def _result_update(res: Any, W: np.ndarray | None, what: str) -> np.ndarray:
     elif W is not None:
         raise _Fail(f"{what} returned no DoRA magnitude for DoRA inputs: the result's update is then s' B' A' and "
                     "drops the magnitudes' part of the inputs' updates")
+    if res.get("lora_bias") is not None:
+        if not bias:
+            raise _Fail(f"{what} returned a lora_bias for inputs without one")
+        ad["lora_bias"] = _to_host(res["lora_bias"], f"{what}['lora_bias']")
+    elif bias:
+        raise _Fail(f"{what} returned no lora_bias for inputs with one: the bias part of the update, "
+                    "Σ w_i s_i c_i, is dropped (PEFT #3761)")
     return _update(ad)
 
 
@@ -220,7 +241,7 @@ def check_combine_problem(combine: Callable, problem: CombineProblem, *, to: Any
             res = combine(_to_candidate(sub, conv, problem.dtype), list(weights))
         except Exception as exc:  # noqa: BLE001 - a candidate that raises fails
             raise _Fail(f"{label}: the candidate raised {type(exc).__name__}: {exc}") from exc
-        return _result_update(res, W, f"combine (the {label} check)")
+        return _result_update(res, W, f"combine (the {label} check)", bias=problem.lora_bias)
 
     def expect(label, sub, weights):
         want = sum(w * _update(a) for a, w in zip(sub, weights))
@@ -262,7 +283,7 @@ def check_combine_problem(combine: Callable, problem: CombineProblem, *, to: Any
     return out
 
 
-def _problems(dtype: str, dora: bool, max_rank: int, rslora: bool):
+def _problems(dtype: str, dora: bool, max_rank: int, rslora: bool, lora_bias: bool):
     from hypothesis import strategies as st  # noqa: PLC0415 - hypothesis only when a check runs
 
     @st.composite
@@ -276,13 +297,15 @@ def _problems(dtype: str, dora: bool, max_rank: int, rslora: bool):
         choice = [1.0, -1.0, 0.5, -0.75, 0.25] if dora else [1.0, -1.0, 0.5, -0.75, 1.5, 2.0, 0.25]
         weights = tuple(d(st.sampled_from(choice)) for _ in range(n))
         return CombineProblem(O=O, I=I, ranks=ranks, rslora=flags, alphas=alphas, weights=weights,
-                              seed=d(st.integers(0, 2**31 - 1)), dtype=dtype, dora=dora)
+                              seed=d(st.integers(0, 2**31 - 1)), dtype=dtype, dora=dora,
+                              lora_bias=lora_bias)
 
     return draw()
 
 
 def check_combine(combine: Callable, *, dtype: str = "float32", to: Any = None, exact: bool = True,
-                  dora: bool = False, rslora: bool = True, max_examples: int = 50, derandomize: bool = False,
+                  dora: bool = False, rslora: bool = True, lora_bias: bool = False, max_examples: int = 50,
+                  derandomize: bool = False,
                   seed: int | None = None, max_rank: int = 6):
     """Check that ``combine`` combines adapters by their updates (see the module docstring).
 
@@ -295,6 +318,8 @@ def check_combine(combine: Callable, *, dtype: str = "float32", to: Any = None, 
         (for approximate methods such as PEFT's "linear", "ties", DARE).
       dora: draw DoRA adapters (with "magnitude" and the base "W"); the result must be a
         DoRA adapter on W whose update is the weighted sum of the inputs' updates.
+      lora_bias: give every adapter a lora_bias c (O,) (PEFT's bias on lora_B, scaled with
+        the branch); the result must carry one with s' c' = Σ w_i s_i c_i. Not with dora.
       rslora: draw rsLoRA adapters too and check that the rsLoRA and plain forms of one
         update combine alike; False for a candidate that does not claim rsLoRA support.
       max_examples, derandomize, seed: hypothesis settings.
@@ -325,12 +350,15 @@ def check_combine(combine: Callable, *, dtype: str = "float32", to: Any = None, 
         raise TypeError(f"dtype is {dtype!r}; expected one of {_DTYPES}")
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
         raise ValueError(f"max_rank is {max_rank!r}; expected an int >= 1")
+    if dora and lora_bias:
+        raise ValueError("dora and lora_bias together: PEFT's merge of the pair disagrees with its own forward, "
+                         "and reflora does not define it")
     result = CheckResult("check_combine", dtype)
 
     @settings(max_examples=max_examples, derandomize=derandomize, deadline=None, database=None, print_blob=False,
               suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
               phases=[Phase.explicit, Phase.generate, Phase.shrink])
-    @given(_problems(dtype, dora, max_rank, rslora))
+    @given(_problems(dtype, dora, max_rank, rslora, lora_bias))
     def run(problem):
         result._note(check_combine_problem(combine, problem, to=to, exact=exact, rslora=rslora))
 

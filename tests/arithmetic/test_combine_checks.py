@@ -33,13 +33,16 @@ def _host(a):
 
 def _reflora_ads(adapters):
     return [reflora.LoraAdapter.from_arrays(a["A"], a["B"], alpha=a["alpha"], use_rslora=a["use_rslora"],
-                                            W=a.get("W"), magnitude=a.get("magnitude")) for a in adapters]
+                                            W=a.get("W"), magnitude=a.get("magnitude"), lora_bias=a.get("lora_bias"))
+            for a in adapters]
 
 
 def _out(c):
     d = {"A": c.A, "B": c.B, "alpha": c.alpha, "use_rslora": c.use_rslora}
     if c.magnitude is not None:
         d["magnitude"] = c.magnitude
+    if c.lora_bias is not None:
+        d["lora_bias"] = c.lora_bias
     return d
 
 
@@ -191,6 +194,19 @@ def mutant_dora_dropped(adapters, weights):
     return reflora_cat([{k: v for k, v in a.items() if k not in ("magnitude", "W")} for a in ads], weights)
 
 
+def mutant_lora_bias_dropped(adapters, weights):
+    """PEFT #3761: the combined adapter has no (or a zero) lora_B bias."""
+    out = reflora_cat([{k: v for k, v in a.items() if k != "lora_bias"} for a in adapters], weights)
+    return {**out, "lora_bias": 0 * _host(adapters[0]["lora_bias"])}
+
+
+def mutant_lora_bias_unscaled(adapters, weights):
+    """The biases summed with the weights but without their adapters' scales: c' = Σ w_i c_i."""
+    ads = _np(adapters)
+    out = reflora_cat([{k: v for k, v in a.items() if k != "lora_bias"} for a in ads], weights)
+    return {**out, "lora_bias": sum(w * a["lora_bias"] for a, w in zip(ads, weights))}
+
+
 # ---------------------------------------------------------------- correct candidates pass
 
 
@@ -213,6 +229,12 @@ def reflora_exact_via_f32(adapters, weights):
 def test_reflora_dora_passes_in_every_dtype(dtype):
     cand = reflora_exact_via_f32 if dtype == "bfloat16" else reflora_exact
     res = rt.check_combine(cand, dtype=dtype, dora=True, max_examples=N, derandomize=True)
+    assert res.examples == N and max(res.worst.values()) < 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reflora_lora_bias_passes_in_every_dtype(dtype):
+    res = rt.check_combine(reflora_exact, dtype=dtype, lora_bias=True, max_examples=N, derandomize=True)
     assert res.examples == N and max(res.worst.values()) < 1
 
 
@@ -293,6 +315,21 @@ def test_dora_mutants_are_caught(mutant, where, dtype):
         rt.check_combine(mutant, dtype=dtype, dora=True, max_examples=N, derandomize=True)
 
 
+LORA_BIAS_MUTANTS = [(mutant_lora_bias_dropped, "identity"), (mutant_lora_bias_unscaled, "identity|scaling")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mutant,where", LORA_BIAS_MUTANTS, ids=[m.__name__ for m, _ in LORA_BIAS_MUTANTS])
+def test_lora_bias_mutants_are_caught(mutant, where, dtype):
+    with pytest.raises(AssertionError, match=where):
+        rt.check_combine(mutant, dtype=dtype, lora_bias=True, max_examples=N, derandomize=True)
+    # a candidate that ignores lora_bias altogether is told so
+    with pytest.raises(AssertionError, match="no lora_bias"):
+        rt.check_combine(
+            lambda ads, ws: reflora_cat([{k: v for k, v in a.items() if k != "lora_bias"} for a in ads], ws),
+            dtype=dtype, lora_bias=True, max_examples=N, derandomize=True)
+
+
 def test_a_raising_candidate_fails_with_the_reason():
     def boom(adapters, weights):
         raise RuntimeError("no")
@@ -314,3 +351,5 @@ def test_bad_arguments():
         rt.check_combine(reflora_exact, dtype="int8")
     with pytest.raises(ValueError, match="max_rank"):
         rt.check_combine(reflora_exact, max_rank=0)
+    with pytest.raises(ValueError, match="dora and lora_bias"):
+        rt.check_combine(reflora_exact, dora=True, lora_bias=True)

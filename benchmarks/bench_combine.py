@@ -106,7 +106,8 @@ def main():
     print(f"O = I = {O}, {n} adapters of rank {R}, k = {k}, float32; best of {args.repeats}")
     print(f"{'':34s}{'seconds':>10s}{'peak MiB':>10s}{'err / optimum':>15s}")
     print(f"{'reflora exact, rank=k (thin)':34s}{t_exact:10.3f}{m_exact / 2**20:10.1f}{err(ex.B, ex.A) / opt:15.6f}")
-    print(f"{'reflora svd (dense, PEFT semantics)':34s}{t_dense:10.3f}{m_dense / 2**20:10.1f}{err(dn.B, dn.A) / opt:15.6f}")
+    print(f"{'reflora svd (dense, PEFT semantics)':34s}{t_dense:10.3f}{m_dense / 2**20:10.1f}"
+          f"{err(dn.B, dn.A) / opt:15.6f}")
     print(f"{'PEFT add_weighted_adapter svd':34s}{t_peft:10.3f}{'n/a':>10s}{err(pB, pA) / opt:15.6f}")
     print(f"ratio reflora-exact / PEFT: {t_exact / t_peft:.4f}")
 

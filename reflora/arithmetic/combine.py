@@ -153,7 +153,8 @@ def _module_inputs(mod: str, items: list[tuple[int, Any, float]]) -> None:
     for i, ad, _ in items:
         array_namespace(a0.A, ad.A, ad.B, names=("adapters[0].A", f"adapters[{i}].A", f"adapters[{i}].B"))
         if ad.A.dtype != a0.A.dtype:
-            raise TypeError(f"{where}adapters[{i}] has dtype {ad.A.dtype}; expected {a0.A.dtype}, the dtype of the first")
+            raise TypeError(f"{where}adapters[{i}] has dtype {ad.A.dtype}; expected {a0.A.dtype}, the dtype of "
+                            "the first")
         if not _real_floating(xp, ad.A.dtype):
             raise TypeError(f"{where}adapters[{i}] has dtype {ad.A.dtype}; expected a real floating dtype")
         if ad.A.shape[1] != a0.A.shape[1] or ad.B.shape[0] != a0.B.shape[0]:

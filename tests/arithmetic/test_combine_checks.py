@@ -78,7 +78,6 @@ def peft_cat(adapters, weights, *, default_f64=True):
 
     PEFT builds its weight tensors with torch.tensor(list), in torch's default dtype: float64 needs
     torch.set_default_dtype(torch.float64) or the weights are rounded to float32 (default_f64=False)."""
-    import peft
     import torch
 
     old = torch.get_default_dtype()

@@ -49,15 +49,16 @@ def delta(ad) -> np.ndarray:
 def svd_tolerance(M: np.ndarray, k: int) -> float:
     """Frobenius bound on two float64 rank-k truncated SVDs of (nearly) the same M.
 
-    A backward-stable SVD is exact for M + E with ||E||_2 <= p u ||M||_2, p a modest
-    multiple of the size (take 8 max(O, I)); by Wedin's theorem the rank-k singular
-    subspaces move by sin(theta) <= ||E|| / gap, gap = sigma_k - sigma_(k+1), and the
-    truncation by at most ||E|| + 2 sigma_1 sin(theta). Both sides carry such an E
-    (plus the O(R u ||M||) of forming M from different matmul orders), so twice that.
+    A backward-stable SVD is exact for M + E with ||E||_F <= 16 O I u ||M||_F (Householder
+    bidiagonalisation, Higham ch. 19; the constant as in reflora.testing.combine_checks, where
+    LAPACK's measured worst is 10.3); by Wedin's theorem the rank-k singular subspaces move by
+    sin(theta) <= ||E|| / gap, gap = sigma_k - sigma_(k+1), and the truncation by at most
+    ||E|| + 2 sigma_1 sin(theta). Both sides carry such an E (forming M in different matmul
+    orders adds O(R u ||M||), far less), so twice that.
     """
     s = np.linalg.svd(M, compute_uv=False)
     gap = s[k - 1] - (s[k] if k < len(s) else 0.0)
-    E = 8 * max(M.shape) * U64 * s[0]
+    E = 16 * M.shape[0] * M.shape[1] * U64 * float(np.linalg.norm(M))
     return 2 * (E + 2 * s[0] * E / gap) * math.sqrt(k)
 
 

@@ -82,3 +82,8 @@ __all__ = [
     "clip_grad_norm",
     "loraplus_groups",
 ]
+
+# adapter arithmetic (issue 16: combination)
+from .arithmetic.combine import COMBINE_METHODS, Combined, combine, dare_masks  # noqa: E402
+
+__all__ += ["COMBINE_METHODS", "Combined", "combine", "dare_masks"]

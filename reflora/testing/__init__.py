@@ -54,3 +54,8 @@ __all__ = [
     "check_adamw",
     "check_adamw_problem",
 ]
+
+# combination checks (issue 16)
+from .combine_checks import CombineProblem, check_combine, check_combine_problem  # noqa: E402
+
+__all__ += ["CombineProblem", "check_combine", "check_combine_problem"]

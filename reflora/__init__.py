@@ -19,6 +19,10 @@ from .merge import Merged, merge, unmerge
 from .dora import DoraCache, DoraGrads, DoraMerged, dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
 from .stack import LoraLayer, StackCache, StackGrads, stack_backward, stack_forward
 from .resize import Resized, resize_rank
+# serving: many adapters in one batch (issue 14)
+from .serving import (EmbeddingGrads, LogitsGrads, MultiLoraCache, MultiLoraGrads, TPResult, lora_embedding_backward,
+                      lora_embedding_forward, lora_expand, lora_logits_backward, lora_logits_forward, lora_shrink,
+                      multi_lora_backward, multi_lora_forward, segments_to_indices, sliced_lora_forward, tp_forward)
 
 __version__ = "0.1.0"
 
@@ -66,4 +70,21 @@ __all__ = [
     "stack_forward",
     "unmerge",
     "save_tensors",
+    # serving (issue 14)
+    "EmbeddingGrads",
+    "LogitsGrads",
+    "MultiLoraCache",
+    "MultiLoraGrads",
+    "TPResult",
+    "lora_embedding_backward",
+    "lora_embedding_forward",
+    "lora_expand",
+    "lora_logits_backward",
+    "lora_logits_forward",
+    "lora_shrink",
+    "multi_lora_backward",
+    "multi_lora_forward",
+    "segments_to_indices",
+    "sliced_lora_forward",
+    "tp_forward",
 ]

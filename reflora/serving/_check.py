@@ -89,7 +89,10 @@ def check_indices(xp: Any, indices: Any, lead: tuple, L: int, name: str = "indic
         raise ValueError(f"{name} has shape {shape(indices)}; expected the leading shape of x {lead} (one adapter per row)")
     flat = xp.reshape(indices, (-1,))
     if flat.shape[0]:
-        lo, hi = int(xp.min(flat)), int(xp.max(flat))
+        from ..backend import to_numpy  # noqa: PLC0415
+
+        # one device-to-host transfer for both ends of the range
+        lo, hi = (int(v) for v in to_numpy(xp.stack([xp.min(flat), xp.max(flat)])))
         if lo < -1 or hi >= L:
             raise ValueError(f"{name} range from {lo} to {hi}; expected -1 (no adapter) or an adapter in [0, L) = [0, {L})")
     return flat

@@ -6,7 +6,7 @@ Two evaluation paths of the same sums, chosen by namespace:
   (N,) index vector) and each adapter's rows go through one BLAS product.
 * Any other namespace (CuPy, array_api_strict): the adapter's matrices are
   gathered per row with ``xp.take`` and multiplied as a batch, in row chunks
-  that keep the gathered block below 2^24 elements; the per-adapter sums of
+  that keep the gathered block below 2^26 elements; the per-adapter sums of
   the backward are one product with a one-hot expansion. No host round trip.
 
 Rows with index -1 get zeros ("no adapter"). Callers have checked that every
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-_CHUNK = 1 << 24
+_CHUNK = 1 << 26
 
 
 def groups(idx_N: np.ndarray, L: int) -> list[tuple[int, np.ndarray]]:

@@ -71,10 +71,21 @@ def lora_shrink(x, A, indices, *, scale):
         raise ValueError(f"A has shape {C.shape(A)}; expected (L, R, I) = ({L}, {R}, {x_NI.shape[1]}), I taken from x")
     idx_N = C.check_indices(xp, indices, lead, L)
     s_N = _row_scales(xp, C.check_scales(scale, L, "scale"), idx_N, x.dtype)
-    grp = _rows.groups(idx_N, L) if xp is np else None
-    # h_n = s_l (x_n A_l^T); rows without an adapter stay zero
-    h_NR = s_N[:, None] * _rows.row_matvec(xp, x_NI, A, idx_N, grp)
+    h_NR = _shrink(xp, x_NI, A, idx_N, s_N, _rows.groups(idx_N, L) if xp is np else None)
     return h_NR if x.ndim == 2 else xp.reshape(h_NR, lead + (R,))
+
+
+def _shrink(xp, x_NI, A, idx_N, s_N, grp):
+    # h_n = s_l (x_n A_l^T); rows without an adapter stay zero (s_N is 0 there)
+    return s_N[:, None] * _rows.row_matvec(xp, x_NI, A, idx_N, grp)
+
+
+def _expand_into(xp, y_NT, h_NR, B, idx_N, offset, grp):
+    # the product h_n B_l^T (zero for rows without an adapter) added into columns [offset, offset + O)
+    O, total = B.shape[1], y_NT.shape[1]
+    p_NO = _rows.row_matvec(xp, h_NR, B, idx_N, grp)
+    parts = [y_NT[:, :offset], y_NT[:, offset:offset + O] + p_NO, y_NT[:, offset + O:]]
+    return xp.concat([q for q in parts if q.shape[1]], axis=1) if total else y_NT
 
 
 def lora_expand(h, B, indices, *, base=None, offset=0):
@@ -126,10 +137,9 @@ def lora_expand(h, B, indices, *, base=None, offset=0):
     if offset + O > total:
         raise ValueError(f"offset {offset} + O {O} = {offset + O} exceeds base's width O_total = {total}")
     base_NO = base if base.ndim == 2 else xp.reshape(base, (h_NR.shape[0], total))
-    N = h_NR.shape[0]
     # add into the slice [offset, offset + O), other columns copied unchanged
     parts = [base_NO[:, :offset], base_NO[:, offset:offset + O] + p_NO, base_NO[:, offset + O:]]
-    y = xp.concat([p for p in parts if p.shape[1]], axis=1) if total else xp.reshape(base_NO, (N, 0))
+    y = xp.concat([p for p in parts if p.shape[1]], axis=1) if total else base_NO
     return y if base.ndim == 2 else xp.reshape(y, C.shape(base))
 
 
@@ -161,7 +171,9 @@ def sliced_lora_forward(x, A_slices: Sequence[Any], B_slices: Sequence[Any], ind
     """
     if len(A_slices) == 0 or len(A_slices) != len(B_slices):
         raise ValueError(f"{len(A_slices)} A slices and {len(B_slices)} B slices; expected the same number K >= 1")
-    xp = C.namespace(("x", "W", "bias"), (x, W, bias))
+    K = len(A_slices)
+    xp = C.namespace(("x", "W", "bias", "indices") + tuple(f"A_slices[{k}]" for k in range(K))
+                     + tuple(f"B_slices[{k}]" for k in range(K)), (x, W, bias, indices, *A_slices, *B_slices))
     widths = []
     for k, Bk in enumerate(B_slices):
         if not hasattr(Bk, "shape") or Bk.ndim not in (3, 4):
@@ -173,20 +185,33 @@ def sliced_lora_forward(x, A_slices: Sequence[Any], B_slices: Sequence[Any], ind
         raise ValueError(f"W has shape {C.shape(W)}; expected (sum O_k, I) = ({total}, {x_NI.shape[1]})")
     if bias is not None and C.shape(bias) != (total,):
         raise ValueError(f"bias has shape {C.shape(bias)}; expected (sum O_k,) = ({total},)")
-    L = A_slices[0].shape[0]
+    C.check_float(xp, "x", x)
+    A_s = [C.stacked(f"A_slices[{k}]", a, xp, "(L, R_k, I)") for k, a in enumerate(A_slices)]
+    B_s = [C.stacked(f"B_slices[{k}]", b, xp, "(L, O_k, R_k)") for k, b in enumerate(B_slices)]
+    L = A_s[0].shape[0]
+    for k, (Ak, Bk) in enumerate(zip(A_s, B_s)):
+        C.check_same_dtype("x", x, ((f"A_slices[{k}]", Ak), (f"B_slices[{k}]", Bk)))
+        if Ak.shape[0] != L or Bk.shape[0] != L:
+            raise ValueError(f"slice {k}: A has {Ak.shape[0]} and B {Bk.shape[0]} adapters; expected L = {L} (slice 0)")
+        if Ak.shape[2] != x_NI.shape[1] or Bk.shape[2] != Ak.shape[1]:
+            raise ValueError(f"slice {k}: A {C.shape(Ak)} and B {C.shape(Bk)}; expected (L, R_k, I) and (L, O_k, R_k) "
+                             f"with I = {x_NI.shape[1]} from x")
+    # indices and scales checked once for all slices
+    idx = C.check_indices(xp, indices, lead, L)
+    s_N = _row_scales(xp, C.check_scales(scales, L), idx, x.dtype)
+    grp = _rows.groups(idx, L) if xp is np else None
     # base output x W^T + bias, or zeros: the buffer every slice is added into
-    y = xp.zeros((x_NI.shape[0], total), dtype=x.dtype) if W is None else xp.matmul(x_NI, xp.matrix_transpose(W))
-    if W is None and hasattr(x, "device") and xp is not np:
+    if W is not None:
+        y = xp.matmul(x_NI, xp.matrix_transpose(W))
+    elif xp is np:
+        y = np.zeros((x_NI.shape[0], total), dtype=x.dtype)
+    else:
         y = xp.zeros((x_NI.shape[0], total), dtype=x.dtype, device=x.device)
     if bias is not None:
         y = y + bias
-    idx = indices if indices.ndim == 1 else xp.reshape(indices, (-1,))
     off = 0
-    for k, (Ak, Bk) in enumerate(zip(A_slices, B_slices)):
-        if Ak.shape[0] != L or Bk.shape[0] != L:
-            raise ValueError(f"slice {k}: A has {Ak.shape[0]} and B {Bk.shape[0]} adapters; expected L = {L} (slice 0)")
+    for k, (Ak, Bk) in enumerate(zip(A_s, B_s)):
         # shrink with slice k's A, then expand into columns [off, off + O_k)
-        h = lora_shrink(x_NI, Ak, idx, scale=scales)
-        y = lora_expand(h, Bk, idx, base=y, offset=off)
+        y = _expand_into(xp, y, _shrink(xp, x_NI, Ak, idx, s_N, grp), Bk, idx, off, grp)
         off += widths[k]
     return y if x.ndim == 2 else xp.reshape(y, lead + (total,))

@@ -101,6 +101,12 @@ def test_shrink_then_expand_is_the_forward_on_every_backend(xp, case):
     y = lora_expand(h, q[2], q[3], base=base)
     y_ref, _ = multi_lora_forward(x, A, B, idx, scales=scales, W=None if W is None else W[:B.shape[1]])
     assert_close(y, y_ref, name="y", rel=F64_PEER, atol=1e-300)
+    # the fused slices on this backend equal NumPy's
+    qs = [(xp.asarray(a), xp.asarray(b)) for a, b in slices]
+    y_sl = sliced_lora_forward(q[0], [a for a, _ in qs], [b for _, b in qs], q[3], scales=scales,
+                               W=None if W is None else xp.asarray(W), bias=None if bias is None else xp.asarray(bias))
+    y_np = sliced_lora_forward(x, [a for a, _ in slices], [b for _, b in slices], idx, scales=scales, W=W, bias=bias)
+    assert_close(y_sl, y_np, name="sliced", rel=F64_PEER, atol=1e-300)
     # without base: the product alone
     assert_close(lora_expand(h, q[2], q[3]), multi_lora_forward(x, A, B, idx, scales=scales)[0], name="product",
                  rel=F64_PEER, atol=1e-300)

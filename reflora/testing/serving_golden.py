@@ -47,8 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import FormatError
-from ..safetensors_io import load_tensors, save_tensors
+from .. import FormatError, load_tensors, save_tensors
 from .serving import serving_reference
 from .serving_problems import ServingProblem, host_dtype
 

@@ -182,3 +182,8 @@ def expand_minus_one_as_last(h, B, indices, *, base, offset):
 def tp_forward_gather_replicated(x, A, B, indices, *, scales, tp, mode, W=None, bias=None):
     """vLLM #45691: all_gather of the shrink output in the column-parallel layer where A is not sharded."""
     return tp_forward(x, A, B, indices, scales=scales, tp=tp, mode=mode, W=W, bias=bias, gather_when_replicated=True)
+
+
+# settings read by the conformance suite (pytest --pyargs reflora.testing.suite)
+to = "torch"
+dtypes = ("float32", "bfloat16")

@@ -152,3 +152,20 @@ def test_golden_malformed_manifest_is_a_format_error(tmp_path):
     with pytest.raises(FormatError, match="not valid JSON"):
         check_serving_golden(str(tmp_path), str(tmp_path))
     assert main(["check", str(tmp_path), "--results", str(tmp_path)]) == 2
+
+
+def test_the_conformance_suite_runs_the_serving_checks(tmp_path):
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, root, os.environ.get("PYTHONPATH", "")]),
+               REFLORA_CANDIDATE="serving_candidates")
+    r = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "reflora.testing.suite", "-q", "-p",
+                        "no:cacheprovider", "-k", "serving", "--max-examples", "3", "--derandomize"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    tail = r.stdout[-2000:]
+    assert r.returncode == 0, tail
+    # 6 checks x 2 of the candidate's dtypes + 16 (mode, tp) pairs pass; the other dtypes are skipped
+    assert "28 passed" in tail, tail

@@ -138,7 +138,8 @@ def write_serving_golden(directory: str, *, seed: int = 0) -> list[str]:
 
     Example:
       >>> import tempfile
-      >>> names = write_serving_golden(tempfile.mkdtemp())
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     names = write_serving_golden(d)
       >>> names[0]
       '000_shrink_float32_mixed'
     """

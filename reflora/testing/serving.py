@@ -13,6 +13,9 @@ L floats; every array in the candidate's dtype except the integer ones):
         E (V, D), A (L, R, V + X), B (L, D, R), extra (L, X, D) passed only when
         the problem has added tokens and the candidate takes ``extra``
     embedding_backward(ids, E, A, B, indices, dy, *, scales[, extra]) -> (dA, dB)
+    sliced_forward(x, A_slices, B_slices, indices, *, scales, W=None, bias=None) -> y (N, sum O_k)
+        K slices (fused qkv, gate_up): A_slices[k] (L, R, I), B_slices[k] (L, O_k, R);
+        slice k in columns [O_0 + ... + O_{k-1}, ... + O_k) (vLLM's add_lora_linear)
     tp_forward(x, A, B, indices, *, scales, tp, mode, W=None, bias=None) -> [y_0, ..., y_{T-1}]
         rank t's output as ``reflora.serving.tp.tp_forward`` defines it per mode
 
@@ -43,14 +46,15 @@ from ..backend import to_numpy
 from ..serving import bounds as SB
 from ..serving.embedding import lora_embedding_backward, lora_embedding_forward
 from ..serving.multi import multi_lora_backward, multi_lora_forward
-from ..serving.shrink_expand import lora_expand, lora_shrink
+from ..serving.shrink_expand import lora_expand, lora_shrink, sliced_lora_forward
 from ..serving.tp import tp_forward as ref_tp_forward
 from .serving_problems import ServingProblem, host_dtype
 
 __all__ = ["ServingResult", "check_embedding", "check_embedding_backward", "check_embedding_backward_problem",
            "check_embedding_problem", "check_expand", "check_expand_problem", "check_multi_backward",
            "check_multi_backward_problem", "check_multi_forward", "check_multi_forward_problem", "check_shrink",
-           "check_shrink_problem", "check_tp", "check_tp_problem", "serving_reference"]
+           "check_shrink_problem", "check_sliced_forward", "check_sliced_forward_problem", "check_tp", "check_tp_problem",
+           "serving_reference"]
 
 
 @dataclasses.dataclass
@@ -134,6 +138,17 @@ def serving_reference(op: str, p: ServingProblem, *, tp: int = 1, mode: str = "c
         return {"dx": (g.dx, SB.tolerance(gm.dx, dtype=d, K=O + R + 3, m=7, factor=f, is_exact=ex)),
                 "dA": (g.dA, SB.tolerance(gm.dA, dtype=d, K=O + N + 3, m=5, factor=f, is_exact=ex)),
                 "dB": (g.dB, SB.tolerance(gm.dB, dtype=d, K=I + N + 3, m=5, factor=f, is_exact=ex))}
+    if op == "sliced_forward":
+        As, Bs = a["A_slices"], a["B_slices"]
+        ref = sliced_lora_forward(x, As, Bs, idx, scales=s, W=W, bias=bias)
+        kw = dict(W=_abs(W), bias=_abs(bias))
+        mag = sliced_lora_forward(_abs(x), [np.abs(v) for v in As], [np.abs(v) for v in Bs], idx, scales=np.abs(s), **kw)
+        unsc = sliced_lora_forward(_abs(x), [np.abs(v) for v in As], [np.abs(v) for v in Bs], idx,
+                                   scales=np.ones_like(s), **kw)
+        hmax = _pmax(*(lora_shrink(_abs(x), np.abs(v), idx, scale=1.0) for v in As))
+        ex = SB.exact(d, [x, W, bias, *As, *Bs], s, max(_pmax(mag, unsc), hmax))
+        return {"y": (ref, SB.tolerance(mag, dtype=d, K=I + R + 3, m=7, factor=SB.floor_factor(s, x, W, bias, *As, *Bs),
+                                        is_exact=ex))}
     if op in ("embedding", "embedding_backward"):
         ids, E, eA, eB, extra = a["ids"], a["E"], a["embA"], a["embB"], a["extra"]
         y, cache = lora_embedding_forward(ids, E, eA, eB, idx, scales=s, extra=extra)
@@ -153,8 +168,8 @@ def serving_reference(op: str, p: ServingProblem, *, tp: int = 1, mode: str = "c
         f = SB.floor_factor(s, E, eA, eB, dy)
         return {"dA": (g.dA, SB.tolerance(gm.dA, dtype=d, K=O + N + 3, m=5, factor=f, is_exact=ex)),
                 "dB": (g.dB, SB.tolerance(gm.dB, dtype=d, K=N + 3, m=5, factor=f, is_exact=ex))}
-    raise ValueError(f"op is {op!r}; expected shrink, expand, multi_forward, multi_backward, embedding, "
-                     "embedding_backward or tp")
+    raise ValueError(f"op is {op!r}; expected shrink, expand, multi_forward, multi_backward, sliced_forward, "
+                     "embedding, embedding_backward or tp")
 
 
 # ----------------------------------------------------------------- running a candidate
@@ -284,6 +299,19 @@ def check_multi_backward_problem(backward: Callable, p: ServingProblem, *, to: A
     return {k: _compare("check_multi_backward", k, backward, p, v, *refs[k]) for k, v in zip(("dx", "dA", "dB"), out)}
 
 
+def check_sliced_forward_problem(forward: Callable, p: ServingProblem, *, to: Any = None) -> dict:
+    """Check ``sliced_forward(x, A_slices, B_slices, indices, *, scales, W=None, bias=None)`` (p.slices widths)."""
+    if not p.slices:
+        raise ValueError("the problem has no slices; expected ServingProblem(slices=(O_0, O_1, ...))")
+    conv = _converter(to)
+    a, args, kw = _linear_args(p, conv)
+    As = [_in(v, p, conv) for v in a["A_slices"]]
+    Bs = [_in(v, p, conv) for v in a["B_slices"]]
+    y = _call("check_sliced_forward", forward, p, args[0], As, Bs, args[3], **kw)
+    ref, tol = serving_reference("sliced_forward", p)["y"]
+    return {"y": _compare("check_sliced_forward", "y", forward, p, y, ref, tol)}
+
+
 def _emb_args(p: ServingProblem, conv, fn):
     a = p.arrays()
     args = (_in(a["ids"], p, conv), _in(a["E"], p, conv), _in(a["embA"], p, conv), _in(a["embB"], p, conv),
@@ -377,6 +405,14 @@ def check_multi_backward(backward: Callable, *, dtype: str = "float32", to: Any 
     """Property check of a batched multi-adapter backward (dx, per-adapter dA, dB)."""
     return _run("check_multi_backward", dtype, _problems(dtype, **strategy),
                 lambda p: check_multi_backward_problem(backward, p, to=to), max_examples=max_examples,
+                derandomize=derandomize)
+
+
+def check_sliced_forward(forward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
+                         derandomize: bool = False, **strategy) -> ServingResult:
+    """Property check of a fused multi-slice forward (qkv, gate_up) over ``serving_problems(slices=True)``."""
+    return _run("check_sliced_forward", dtype, _problems(dtype, slices=True, **strategy),
+                lambda p: check_sliced_forward_problem(forward, p, to=to), max_examples=max_examples,
                 derandomize=derandomize)
 
 

@@ -58,6 +58,7 @@ class ServingProblem:
       offset, tail: expand: the slice sits in columns [offset, offset + O) of a
         base of width offset + O + tail.
       X: embedding extra tokens per adapter (0: none).
+      slices: output slice widths summing to O (fused qkv, gate_up); () means one slice.
     """
 
     I: int
@@ -73,6 +74,7 @@ class ServingProblem:
     offset: int = 0
     tail: int = 0
     X: int = 0
+    slices: tuple = ()
 
     def __post_init__(self):
         L = len(self.ranks)
@@ -80,6 +82,8 @@ class ServingProblem:
             raise ValueError(f"{len(self.scales)} scales for {L} adapters; expected one per adapter")
         if any(i < -1 or i >= L for i in self.indices):
             raise ValueError(f"indices {self.indices}; expected each in [-1, L) = [-1, {L})")
+        if self.slices and (sum(self.slices) != self.O or min(self.slices) < 1):
+            raise ValueError(f"slices {self.slices}; expected positive widths summing to O = {self.O}")
         if self.values not in ("uniform", "int"):
             raise ValueError(f"values is {self.values!r}; expected 'uniform' or 'int'")
         host_dtype(self.dtype)
@@ -109,7 +113,8 @@ class ServingProblem:
         Keys: x (N, I), A (L, R, I), B (L, O, R), W (O, I) or None, bias (O,) or None,
         dy (N, O), h (N, R), base (N, offset + O + tail), indices (N,),
         ids (N,) tokens in [0, I + X) (added tokens only in rows with an adapter),
-        E (I, O), embA (L, R, I + X), embB (L, O, R), extra (L, X, O) or None.
+        E (I, O), embA (L, R, I + X), embB (L, O, R), extra (L, X, O) or None,
+        A_slices / B_slices: lists of (L, R, I) / (L, O_k, R), one per entry of ``slices``.
         """
         rng = np.random.default_rng(self.seed)
         N, I, O, L, R = self.N, self.I, self.O, self.L, self.R
@@ -140,6 +145,18 @@ class ServingProblem:
             embB[lv, :, r:] = 0.0
         out.update(ids=ids.astype(np.int64), E=self._draw(rng, (I, O)), embA=embA, embB=embB,
                    extra=self._draw(rng, (L, X, O)) if X else None)
+        # fused slices: slice 0 uses A and the first columns of B; the others their own stacks
+        A_s, B_s, off = [], [], 0
+        for k, w in enumerate(self.slices):
+            Ak = A if k == 0 else self._draw(rng, (L, R, I))
+            Bk = self._draw(rng, (L, w, R))
+            for lv, r in enumerate(self.ranks):
+                Ak[lv, r:, :] = 0.0
+                Bk[lv, :, r:] = 0.0
+            A_s.append(Ak)
+            B_s.append(Bk)
+            off += w
+        out.update(A_slices=A_s, B_slices=B_s)
         return out
 
     def __repr__(self) -> str:

@@ -17,6 +17,8 @@ presence, an expand slice (offset and tail columns) and, on request, extra
 vocabulary tokens. Shrinks towards one adapter, rank 1, one row, no base.
 
 With ``tp=T`` every drawn I, O and R is a multiple of T (equal shards).
+With ``slices=True`` the output is 1 to 3 slices of unequal widths (qkv as
+4k, k, k; gate_up as two equal halves; or free widths), one stack each.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ _POW2 = (1.0, 0.5, 2.0, 0.25, 4.0)
 def serving_problems(draw, *, dtypes: Sequence[str] = ("float32",), max_adapters: int = 4, max_rank: int = 8,
                      max_size: int = 24, max_rows: int = 24, layouts: Sequence[str] = LAYOUTS,
                      values: Sequence[str] = ("uniform", "int"), W: bool | None = None, bias: bool | None = None,
-                     extra_vocab: bool = False, tp: int | None = None, min_rank: int = 0) -> ServingProblem:
+                     extra_vocab: bool = False, tp: int | None = None, min_rank: int = 0,
+                     slices: bool = False) -> ServingProblem:
     """A ``ServingProblem`` (see the module docstring for what varies)."""
     for d in dtypes:
         if d not in SERVING_DTYPES:
@@ -53,6 +56,14 @@ def serving_problems(draw, *, dtypes: Sequence[str] = ("float32",), max_adapters
         ranks = [draw(st.integers(min_rank, max_rank)) for _ in range(L)]
     I = T * draw(st.integers(1, max(1, max_size // T)))
     O = T * draw(st.integers(1, max(1, max_size // T)))
+    widths = ()
+    if slices:
+        # 1 to 3 unequal slices: qkv-like (q, k, k) or gate_up-like (g, g) or free widths
+        kind = draw(st.sampled_from(["qkv", "gate_up", "free"]))
+        kv = draw(st.integers(1, 4))
+        widths = {"qkv": (4 * kv, kv, kv), "gate_up": (2 * kv, 2 * kv)}.get(kind) or tuple(
+            draw(st.lists(st.integers(1, 8), min_size=1, max_size=3)))
+        O = sum(widths)
     layout = draw(st.sampled_from(list(layouts)))
     adapter = st.integers(-1, L - 1)
     if layout == "unsorted":
@@ -73,4 +84,4 @@ def serving_problems(draw, *, dtypes: Sequence[str] = ("float32",), max_adapters
         dtype=draw(st.sampled_from(list(dtypes))), seed=draw(st.integers(0, 2**16)),
         W=draw(st.booleans()) if W is None else W, bias=draw(st.booleans()) if bias is None else bias,
         values=kind, offset=draw(st.integers(0, 4)), tail=draw(st.integers(0, 4)),
-        X=draw(st.integers(0, 3)) if extra_vocab else 0)
+        X=draw(st.integers(0, 3)) if extra_vocab else 0, slices=widths)

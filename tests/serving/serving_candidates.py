@@ -187,3 +187,36 @@ def tp_forward_gather_replicated(x, A, B, indices, *, scales, tp, mode, W=None, 
 # settings read by the conformance suite (pytest --pyargs reflora.testing.suite)
 to = "torch"
 dtypes = ("float32", "bfloat16")
+
+
+def sliced_forward(x, A_slices, B_slices, indices, *, scales, W=None, bias=None):
+    """vLLM's add_lora_linear: shrink per slice into a buffer, expand per slice at the running offset."""
+    y = torch.zeros((x.shape[0], sum(b.shape[1] for b in B_slices)), dtype=x.dtype)
+    if W is not None:
+        y = y + x @ W.T
+    if bias is not None:
+        y = y + bias
+    s = _row_scales(indices, scales, x.dtype)
+    off = 0
+    for A, B in zip(A_slices, B_slices):
+        h = shrink(x, A, indices, scale=1.0) * s[:, None]
+        y = expand(h, B, indices, base=y, offset=off)
+        off += B.shape[1]
+    return y
+
+
+def sliced_forward_offset_by_rank(x, A_slices, B_slices, indices, *, scales, W=None, bias=None):
+    """A slice-offset bug: the running offset advanced by the rank instead of the slice width."""
+    y = torch.zeros((x.shape[0], sum(b.shape[1] for b in B_slices)), dtype=x.dtype)
+    if W is not None:
+        y = y + x @ W.T
+    if bias is not None:
+        y = y + bias
+    s = _row_scales(indices, scales, x.dtype)
+    off = 0
+    for A, B in zip(A_slices, B_slices):
+        h = shrink(x, A, indices, scale=1.0) * s[:, None]
+        w = min(B.shape[1], y.shape[1] - off)
+        y = expand(h, B[:, :w], indices, base=y, offset=off)
+        off = min(off + B.shape[2], y.shape[1] - 1)
+    return y

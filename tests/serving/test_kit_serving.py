@@ -4,8 +4,9 @@ Correct: the vLLM-style torch candidates of serving_candidates.py (gather per
 row, mask -1, autograd for gradients) in float32, float16, bfloat16 and
 float64. Mutants, each caught: punica's long-segment bug (on problems with a
 145-200-row segment), -1 read as adapter L-1, per-adapter scales ignored,
-MoE-style transposed lora_b (vLLM #31534), an expand without the -1 mask, and
-the all-gather of the shrink output where A is replicated (vLLM #45691).
+MoE-style transposed lora_b (vLLM #31534), an expand without the -1 mask,
+fused-slice offsets advanced by the rank instead of the width, and the
+all-gather of the shrink output where A is replicated (vLLM #45691).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def test_correct_torch_kernels_pass(dtype):
         rts.check_expand(sc.expand, dtype=dtype, **KW),
         rts.check_multi_forward(sc.multi_forward, dtype=dtype, **KW),
         rts.check_multi_backward(sc.multi_backward, dtype=dtype, **KW),
+        rts.check_sliced_forward(sc.sliced_forward, dtype=dtype, **KW),
         rts.check_embedding(sc.embedding, dtype=dtype, extra_vocab=True, **KW),
         rts.check_embedding_backward(sc.embedding_backward, dtype=dtype, extra_vocab=True, **KW),
     ]
@@ -57,6 +59,7 @@ MUTANTS = [
     ("per-adapter scales ignored", rts.check_multi_forward, sc.multi_forward_one_scale, {}),
     ("MoE-style transposed lora_b (vLLM #31534)", rts.check_multi_forward, sc.multi_forward_moe_transposed_b, {}),
     ("expand without the -1 mask", rts.check_expand, sc.expand_minus_one_as_last, {}),
+    ("slice offsets advanced by the rank", rts.check_sliced_forward, sc.sliced_forward_offset_by_rank, {}),
     ("all-gather where A is replicated (vLLM #45691)", rts.check_tp, sc.tp_forward_gather_replicated,
      dict(tp=2, mode="column")),
 ]
@@ -167,5 +170,5 @@ def test_the_conformance_suite_runs_the_serving_checks(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     tail = r.stdout[-2000:]
     assert r.returncode == 0, tail
-    # 6 checks x 2 of the candidate's dtypes + 16 (mode, tp) pairs pass; the other dtypes are skipped
-    assert "28 passed" in tail, tail
+    # 7 checks x 2 of the candidate's dtypes + 16 (mode, tp) pairs pass; the other dtypes are skipped
+    assert "30 passed" in tail, tail

@@ -6,14 +6,13 @@ The candidate may also provide any of these multi-adapter callables:
     expand(h, B, indices, *, base, offset) -> y
     multi_forward(x, A, B, indices, *, scales, W=None, bias=None) -> y
     multi_backward(x, A, B, indices, dy, *, scales, W=None, bias=None) -> (dx, dA, dB)
+    sliced_forward(x, A_slices, B_slices, indices, *, scales, W=None, bias=None) -> y
     embedding(ids, E, A, B, indices, *, scales[, extra]) -> y
     embedding_backward(ids, E, A, B, indices, dy, *, scales[, extra]) -> (dA, dB)
     tp_forward(x, A, B, indices, *, scales, tp, mode, W=None, bias=None) -> [y_0, ..., y_{T-1}]
 
-Test ids (for ``--xfails-file``): test_serving_shrink[DTYPE], test_serving_expand[DTYPE],
-test_serving_multi_forward[DTYPE], test_serving_multi_backward[DTYPE],
-test_serving_embedding[DTYPE], test_serving_embedding_backward[DTYPE],
-test_serving_tp[MODE-TP]. A missing callable is skipped.
+Test ids (for ``--xfails-file``): test_serving[NAME-DTYPE] for each NAME above but
+tp_forward, and test_serving_tp[MODE-TP]. A missing callable is skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ import pytest
 import reflora.testing.serving as rts
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-SERVING = ("shrink", "expand", "multi_forward", "multi_backward", "embedding", "embedding_backward", "tp_forward")
+SERVING = ("shrink", "expand", "multi_forward", "multi_backward", "sliced_forward", "embedding", "embedding_backward",
+           "tp_forward")
 
 
 def _fn(candidate, name):
@@ -45,7 +45,7 @@ def _kw(candidate, options):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", SERVING[:6])
+@pytest.mark.parametrize("name", SERVING[:7])
 def test_serving(candidate, options, name, dtype):
     fn = _fn(candidate, name)
     candidate.require_dtype(dtype)

@@ -39,8 +39,8 @@ to d; m: roundings to d at product boundaries, counted from the list above):
     multi backward dB       I + N + 3             5  (x A^T, s, s h, the row sum, output)
     embedding  y            R + 3                 5  (lookup exact; s, s a, a B^T, +, output)
     embedding dA / dB / dE  D + N + 3 / N + 3     5
-    tensor parallel         + T                   + T - 1  (the all-reduce, in d; fully sharded
-                                                            also reduces h: another T in float32)
+    tensor parallel, row    + 2T                  + T - 1  (the all-reduce, possibly in d; row_sharded
+                                                            also all-reduces h: another T - 1)
 
 Gradual underflow is not covered by the standard model; floor_abs adds
 (K + m) eta_d F per element, eta_d the smallest subnormal of d and F the

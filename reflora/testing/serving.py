@@ -122,7 +122,10 @@ def serving_reference(op: str, p: ServingProblem, *, tp: int = 1, mode: str = "c
             mags = ref_tp_forward(*abs_args, scales=np.abs(s), tp=tp, mode=mode, W=_abs(W), bias=_abs(bias)).outputs
             ex = SB.exact(d, ints, s, partial)
             row = mode.startswith("row")
-            K, m = I + R + 3 + (2 * tp if row else 0), 7 + (tp - 1 if row else 0)
+            # the output all-reduce: T more accumulation steps and T - 1 roundings to d; row_sharded
+            # also all-reduces h (vLLM in a float32 buffer, a candidate possibly in d)
+            K = I + R + 3 + (2 * tp if row else 0)
+            m = 7 + (tp - 1) * (2 if mode == "row_sharded" else 1 if row else 0)
             return {f"y[{t}]": (outs[t], SB.tolerance(mags[t], dtype=d, K=K, m=m, factor=factor, is_exact=ex))
                     for t in range(tp)}
         dy = a["dy"]

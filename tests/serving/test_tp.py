@@ -1,8 +1,8 @@
 """reflora.serving.tp: shards recombine to the unsharded layer within the derived bound, tp in {1, 2, 4, 8}.
 
 Both sides are float64 evaluations in the class of ``reflora.serving.bounds``
-(the sharded one with 2T more accumulation steps and T - 1 more roundings for
-its reductions), so they differ by at most 2 theta_64 M per element, M the
+(the sharded one with 2T more accumulation steps and at most 2 (T - 1) more
+roundings for its reductions), so they differ by at most 2 theta_64 M per element, M the
 element's magnitude. Also: rank outputs of the row modes are the same on
 every rank and are the rank-order sum of the partials; each column rank's
 output is its shard of the unsharded output; the fully sharded column mode's
@@ -45,7 +45,7 @@ def tp_problems(draw, T):
 def _bound(x, A, B, idx, s, W, bias, T, I, R):
     mag = unsharded(np.abs(x), [np.abs(a) for a in A], [np.abs(b) for b in B], idx, scales=np.abs(s),
                     W=None if W is None else np.abs(W), bias=None if bias is None else np.abs(bias))
-    return SB.tolerance(mag, dtype="float64", K=I + R + 3 + 2 * T, m=7 + T - 1)
+    return SB.tolerance(mag, dtype="float64", K=I + R + 3 + 2 * T, m=7 + 2 * (T - 1))
 
 
 @pytest.mark.parametrize("T", [1, 2, 4, 8])

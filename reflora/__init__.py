@@ -26,6 +26,10 @@ from .ops.stack import LoraLayer, StackCache, StackGrads, stack_backward, stack_
 from .optim.sgd import SGD, SGDState
 # optimisers beyond SGD, clipping, LoRA+ (issue 15)
 from .optim import Adam, AdamState, AdamW, clip_grad_norm, loraplus_groups
+# serving: many adapters in one batch (issue 14)
+from .serving import (EmbeddingGrads, LogitsGrads, MultiLoraCache, MultiLoraGrads, TPResult, lora_embedding_backward,
+                      lora_embedding_forward, lora_expand, lora_logits_backward, lora_logits_forward, lora_shrink,
+                      multi_lora_backward, multi_lora_forward, segments_to_indices, sliced_lora_forward, tp_forward)
 
 __version__ = "0.1.0"
 
@@ -81,6 +85,23 @@ __all__ = [
     "AdamW",
     "clip_grad_norm",
     "loraplus_groups",
+    # serving (issue 14)
+    "EmbeddingGrads",
+    "LogitsGrads",
+    "MultiLoraCache",
+    "MultiLoraGrads",
+    "TPResult",
+    "lora_embedding_backward",
+    "lora_embedding_forward",
+    "lora_expand",
+    "lora_logits_backward",
+    "lora_logits_forward",
+    "lora_shrink",
+    "multi_lora_backward",
+    "multi_lora_forward",
+    "segments_to_indices",
+    "sliced_lora_forward",
+    "tp_forward",
 ]
 
 # adapter arithmetic (issue 16: combination)

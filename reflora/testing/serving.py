@@ -1,0 +1,445 @@
+"""Serving checks: run a candidate multi-adapter kernel against the reference on many problems.
+
+Protocols (legend N rows, I in, O out, R rank, L adapters; stacks A (L, R, I),
+B (L, O, R); ``indices`` (N,) integer, -1 = no adapter; ``scales`` a tuple of
+L floats; every array in the candidate's dtype except the integer ones):
+
+    shrink(x, A, indices, *, scale) -> h (N, R)           h_n = scale x_n A_l^T; 0 for -1 rows
+    expand(h, B, indices, *, base, offset) -> y           base with h_n B_l^T added into columns
+                                                          [offset, offset + O); -1 rows unchanged
+    multi_forward(x, A, B, indices, *, scales, W=None, bias=None) -> y (N, O)
+    multi_backward(x, A, B, indices, dy, *, scales, W=None, bias=None) -> (dx, dA, dB)
+    embedding(ids, E, A, B, indices, *, scales[, extra]) -> y (N, D)
+        E (V, D), A (L, R, V + X), B (L, D, R), extra (L, X, D) passed only when
+        the problem has added tokens and the candidate takes ``extra``
+    embedding_backward(ids, E, A, B, indices, dy, *, scales[, extra]) -> (dA, dB)
+    sliced_forward(x, A_slices, B_slices, indices, *, scales, W=None, bias=None) -> y (N, sum O_k)
+        K slices (fused qkv, gate_up): A_slices[k] (L, R, I), B_slices[k] (L, O_k, R);
+        slice k in columns [O_0 + ... + O_{k-1}, ... + O_k) (vLLM's add_lora_linear)
+    tp_forward(x, A, B, indices, *, scales, tp, mode, W=None, bias=None) -> [y_0, ..., y_{T-1}]
+        rank t's output as ``reflora.serving.tp.tp_forward`` defines it per mode
+
+``shrink`` receives one scale (the engines pass one; ``scales[0]`` of the
+problem). The arrays reach the candidate as NumPy or converted by ``to=``
+("torch", "cupy", "jax", "array_api_strict", a callable), as in
+``reflora.testing.checks``.
+
+Tolerance. Per element, the a-priori bound of ``reflora.serving.bounds``
+(theta_d + theta_64) * magnitude + an underflow floor, with the counts K and
+m of each op; zero where the problem is exact in the dtype (integer values,
+power-of-two scales, small enough sums), and zero for the columns an expand
+must leave untouched and the rows without an adapter. A failure raises
+AssertionError naming the tensor, the worst element (candidate, reference,
+tolerance there), how many elements are outside, and the lines that rerun
+just that problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+
+from ..backend import to_numpy
+from ..serving import bounds as SB
+from ..serving.embedding import lora_embedding_backward, lora_embedding_forward
+from ..serving.multi import multi_lora_backward, multi_lora_forward
+from ..serving.shrink_expand import lora_expand, lora_shrink, sliced_lora_forward
+from ..serving.tp import tp_forward as ref_tp_forward
+from .serving_problems import ServingProblem, host_dtype
+
+__all__ = ["ServingResult", "check_embedding", "check_embedding_backward", "check_embedding_backward_problem",
+           "check_embedding_problem", "check_expand", "check_expand_problem", "check_multi_backward",
+           "check_multi_backward_problem", "check_multi_forward", "check_multi_forward_problem", "check_shrink",
+           "check_shrink_problem", "check_sliced_forward", "check_sliced_forward_problem", "check_tp", "check_tp_problem",
+           "serving_reference"]
+
+
+@dataclasses.dataclass
+class ServingResult:
+    """A passed check: how many problems, and the worst error / tolerance per tensor (0 where exact and equal)."""
+
+    check: str
+    dtype: str
+    examples: int
+    worst: dict
+
+
+# ----------------------------------------------------------------- references and tolerances
+
+def _abs(a):
+    return None if a is None else np.abs(a)
+
+
+def _pmax(*arrays) -> float:
+    return max([0.0] + [float(np.max(a)) for a in arrays if a is not None and a.size])
+
+
+def serving_reference(op: str, p: ServingProblem, *, tp: int = 1, mode: str = "column") -> dict[str, tuple]:
+    """{tensor: (float64 reference, per-element tolerance)} for one op on one problem.
+
+    ``op`` is "shrink", "expand", "multi_forward", "multi_backward", "embedding",
+    "embedding_backward" or "tp" (then ``tp`` and ``mode`` apply).
+    """
+    a = p.arrays()
+    d = p.dtype
+    x, A, B, W, bias, idx = a["x"], a["A"], a["B"], a["W"], a["bias"], a["indices"]
+    s = np.asarray(p.scales, dtype=np.float64)
+    N, I, O, R = p.N, p.I, p.O, p.R
+    ints = [x, A, B, W, bias]
+    if op == "shrink":
+        s0 = float(s[0]) if s.size else 1.0
+        ref = lora_shrink(x, A, idx, scale=s0)
+        mag = lora_shrink(_abs(x), _abs(A), idx, scale=abs(s0))
+        unscaled = lora_shrink(_abs(x), _abs(A), idx, scale=1.0)
+        ex = SB.exact(d, [x, A], [s0], _pmax(unscaled, mag))
+        return {"h": (ref, SB.tolerance(mag, dtype=d, K=I + 3, m=4, factor=SB.floor_factor([s0], x, A), is_exact=ex))}
+    if op == "expand":
+        h, base = a["h"], a["base"]
+        ref = lora_expand(h, B, idx, base=base, offset=p.offset)
+        mag = lora_expand(_abs(h), _abs(B), idx, base=_abs(base), offset=p.offset)
+        ex = SB.exact(d, [h, B, base], [1.0], _pmax(mag))
+        tol = SB.tolerance(mag, dtype=d, K=R + 3, m=3, factor=SB.floor_factor([1.0], h, B), is_exact=ex)
+        # columns outside the slice, and rows without an adapter, are base itself: exactly
+        keep = np.ones_like(tol, dtype=bool)
+        keep[:, p.offset:p.offset + O] = idx[:, None] < 0
+        tol[keep] = 0.0
+        return {"y": (ref, tol)}
+    if op in ("multi_forward", "multi_backward", "tp"):
+        abs_args = (_abs(x), _abs(A), _abs(B), idx)
+        mag_y, _ = multi_lora_forward(*abs_args, scales=np.abs(s), W=_abs(W), bias=_abs(bias))
+        unscaled_y, c1 = multi_lora_forward(*abs_args, scales=np.ones_like(s), W=_abs(W), bias=_abs(bias))
+        partial = _pmax(mag_y, unscaled_y, c1.hs_NR)
+        factor = SB.floor_factor(s, x, A, B, W, bias)
+        if op == "multi_forward":
+            ref, _ = multi_lora_forward(x, A, B, idx, scales=s, W=W, bias=bias)
+            ex = SB.exact(d, ints, s, partial)
+            return {"y": (ref, SB.tolerance(mag_y, dtype=d, K=I + R + 3, m=7, factor=factor, is_exact=ex))}
+        if op == "tp":
+            outs = ref_tp_forward(x, A, B, idx, scales=s, tp=tp, mode=mode, W=W, bias=bias).outputs
+            mags = ref_tp_forward(*abs_args, scales=np.abs(s), tp=tp, mode=mode, W=_abs(W), bias=_abs(bias)).outputs
+            ex = SB.exact(d, ints, s, partial)
+            row = mode.startswith("row")
+            # the output all-reduce: T more accumulation steps and T - 1 roundings to d; row_sharded
+            # also all-reduces h (vLLM in a float32 buffer, a candidate possibly in d)
+            K = I + R + 3 + (2 * tp if row else 0)
+            m = 7 + (tp - 1) * (2 if mode == "row_sharded" else 1 if row else 0)
+            return {f"y[{t}]": (outs[t], SB.tolerance(mags[t], dtype=d, K=K, m=m, factor=factor, is_exact=ex))
+                    for t in range(tp)}
+        dy = a["dy"]
+        _, cache = multi_lora_forward(x, A, B, idx, scales=s, W=W, bias=bias)
+        g = multi_lora_backward(dy, cache)
+        _, cabs = multi_lora_forward(*abs_args, scales=np.abs(s), W=_abs(W))
+        gm = multi_lora_backward(np.abs(dy), cabs)
+        _, c1 = multi_lora_forward(*abs_args, scales=np.ones_like(s), W=_abs(W))
+        g1 = multi_lora_backward(np.abs(dy), c1)
+        partial = max(partial, _pmax(*gm, *g1))
+        ex = SB.exact(d, ints + [dy], s, partial)
+        f = SB.floor_factor(s, x, A, B, W, dy)
+        return {"dx": (g.dx, SB.tolerance(gm.dx, dtype=d, K=O + R + 3, m=7, factor=f, is_exact=ex)),
+                "dA": (g.dA, SB.tolerance(gm.dA, dtype=d, K=O + N + 3, m=5, factor=f, is_exact=ex)),
+                "dB": (g.dB, SB.tolerance(gm.dB, dtype=d, K=I + N + 3, m=5, factor=f, is_exact=ex))}
+    if op == "sliced_forward":
+        As, Bs = a["A_slices"], a["B_slices"]
+        ref = sliced_lora_forward(x, As, Bs, idx, scales=s, W=W, bias=bias)
+        kw = dict(W=_abs(W), bias=_abs(bias))
+        mag = sliced_lora_forward(_abs(x), [np.abs(v) for v in As], [np.abs(v) for v in Bs], idx, scales=np.abs(s), **kw)
+        unsc = sliced_lora_forward(_abs(x), [np.abs(v) for v in As], [np.abs(v) for v in Bs], idx,
+                                   scales=np.ones_like(s), **kw)
+        hmax = _pmax(*(lora_shrink(_abs(x), np.abs(v), idx, scale=1.0) for v in As))
+        ex = SB.exact(d, [x, W, bias, *As, *Bs], s, max(_pmax(mag, unsc), hmax))
+        return {"y": (ref, SB.tolerance(mag, dtype=d, K=I + R + 3, m=7, factor=SB.floor_factor(s, x, W, bias, *As, *Bs),
+                                        is_exact=ex))}
+    if op in ("embedding", "embedding_backward"):
+        ids, E, eA, eB, extra = a["ids"], a["E"], a["embA"], a["embB"], a["extra"]
+        y, cache = lora_embedding_forward(ids, E, eA, eB, idx, scales=s, extra=extra)
+        my, cm = lora_embedding_forward(ids, _abs(E), _abs(eA), _abs(eB), idx, scales=np.abs(s), extra=_abs(extra))
+        uy, cu = lora_embedding_forward(ids, _abs(E), _abs(eA), _abs(eB), idx, scales=np.ones_like(s), extra=_abs(extra))
+        partial = _pmax(my, uy, cu.a_NR)
+        ints = [E, eA, eB, extra]
+        factor = SB.floor_factor(s, E, eA, eB, extra)
+        if op == "embedding":
+            ex = SB.exact(d, ints, s, partial)
+            return {"y": (y, SB.tolerance(my, dtype=d, K=R + 3, m=5, factor=factor, is_exact=ex))}
+        dy = a["dy"]
+        g = lora_embedding_backward(dy, cache)
+        gm = lora_embedding_backward(np.abs(dy), cm)
+        g1 = lora_embedding_backward(np.abs(dy), cu)
+        ex = SB.exact(d, ints + [dy], s, max(partial, _pmax(gm.dA, gm.dB, g1.dA, g1.dB)))
+        f = SB.floor_factor(s, E, eA, eB, dy)
+        return {"dA": (g.dA, SB.tolerance(gm.dA, dtype=d, K=O + N + 3, m=5, factor=f, is_exact=ex)),
+                "dB": (g.dB, SB.tolerance(gm.dB, dtype=d, K=N + 3, m=5, factor=f, is_exact=ex))}
+    raise ValueError(f"op is {op!r}; expected shrink, expand, multi_forward, multi_backward, sliced_forward, "
+                     "embedding, embedding_backward or tp")
+
+
+# ----------------------------------------------------------------- running a candidate
+
+def _converter(to):
+    from . import converter  # noqa: PLC0415 - the kit's own conversion (torch bfloat16 etc.)
+
+    return converter(to)
+
+
+def _in(a: np.ndarray | None, p: ServingProblem, conv):
+    if a is None:
+        return None
+    if a.dtype.kind in "iu":
+        return conv(a)
+    return conv(a.astype(host_dtype(p.dtype)))
+
+
+def _host(a: Any) -> np.ndarray:
+    if type(a).__module__.startswith("torch"):
+        t = a.detach().cpu()
+        return (t.float() if "bfloat16" in str(t.dtype) else t).numpy().astype(np.float64)
+    return np.asarray(to_numpy(a)).astype(np.float64)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(q.name == name or q.kind is inspect.Parameter.VAR_KEYWORD for q in params)
+
+
+def _label(fn: Any) -> str:
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{mod}:{qual}" if mod and qual and "<" not in qual else repr(fn)
+
+
+def _report(check: str, name: str, fn: Any, p: ServingProblem, detail: str, extra_args: str = "") -> AssertionError:
+    call = f"rt_serving.{check}_problem(candidate, problem{extra_args}, to=...)"
+    return AssertionError(
+        f"reflora.testing.serving.{check}: {name} {detail}\n"
+        f"  problem: N = {p.N}, I = {p.I}, O = {p.O}, L = {p.L}, ranks {p.ranks}, R = {p.R}, dtype {p.dtype}, "
+        f"scales {p.scales}\n"
+        "Reproduce (reruns just this case):\n"
+        "    import reflora.testing.serving as rt_serving\n"
+        "    from reflora.testing.serving_problems import ServingProblem\n"
+        f"    candidate = ...  # your candidate ({_label(fn)})\n"
+        f"    problem = {p!r}\n"
+        f"    {call}")
+
+
+def _compare(check: str, name: str, fn, p: ServingProblem, cand: Any, ref: np.ndarray, tol: np.ndarray,
+             extra_args: str = "") -> float:
+    """Worst |cand - ref| / tol (0/0 counted as 0); AssertionError when any element is outside."""
+    try:
+        c = _host(cand)
+    except Exception as exc:
+        raise _report(check, name, fn, p, f"could not be read back ({type(exc).__name__}: {exc})", extra_args) from None
+    r = np.asarray(ref, dtype=np.float64)
+    if c.shape != r.shape:
+        raise _report(check, name, fn, p, f"has shape {c.shape}; expected {r.shape}", extra_args)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        same = (c == r) | (np.isnan(c) & np.isnan(r))
+        err = np.where(same, 0.0, np.abs(c - r))
+        err = np.where(np.isnan(err), np.inf, err)
+        bad = err > tol
+        ratio = np.where(err == 0, 0.0, err / tol)
+    if bad.any():
+        k = np.unravel_index(int(np.argmax(np.where(bad, ratio, -1.0))), r.shape)
+        k = tuple(int(i) for i in k)
+        exact = " (exact problem: tolerance 0)" if tol[k] == 0 else ""
+        raise _report(check, name, fn, p, (
+            f"is wrong: {int(bad.sum())} of {r.size} elements outside the tolerance; worst at index {k}: "
+            f"candidate {float(c[k])!r}, reference {float(r[k])!r}, error {err[k]:.4g}, tolerance {tol[k]:.4g}{exact}; "
+            f"max abs error {float(np.max(np.where(np.isfinite(err), err, 0))):.4g}"), extra_args)
+    return float(np.max(ratio)) if ratio.size else 0.0
+
+
+def _call(check: str, fn, p: ServingProblem, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        raise _report(check, "call", fn, p, f"raised {type(exc).__name__}: {exc}") from exc
+
+
+def check_shrink_problem(shrink: Callable, p: ServingProblem, *, to: Any = None) -> dict:
+    """Check ``shrink(x, A, indices, *, scale)`` on one problem (scale = p.scales[0])."""
+    conv, a = _converter(to), p.arrays()
+    h = _call("check_shrink", shrink, p, _in(a["x"], p, conv), _in(a["A"], p, conv), _in(a["indices"], p, conv),
+              scale=float(p.scales[0]))
+    ref, tol = serving_reference("shrink", p)["h"]
+    return {"h": _compare("check_shrink", "h", shrink, p, h, ref, tol)}
+
+
+def check_expand_problem(expand: Callable, p: ServingProblem, *, to: Any = None) -> dict:
+    """Check ``expand(h, B, indices, *, base, offset)`` on one problem."""
+    conv, a = _converter(to), p.arrays()
+    y = _call("check_expand", expand, p, _in(a["h"], p, conv), _in(a["B"], p, conv), _in(a["indices"], p, conv),
+              base=_in(a["base"], p, conv), offset=p.offset)
+    ref, tol = serving_reference("expand", p)["y"]
+    return {"y": _compare("check_expand", "y", expand, p, y, ref, tol)}
+
+
+def _linear_args(p: ServingProblem, conv):
+    a = p.arrays()
+    return a, (_in(a["x"], p, conv), _in(a["A"], p, conv), _in(a["B"], p, conv), _in(a["indices"], p, conv)), \
+        dict(scales=tuple(float(v) for v in p.scales), W=_in(a["W"], p, conv), bias=_in(a["bias"], p, conv))
+
+
+def check_multi_forward_problem(forward: Callable, p: ServingProblem, *, to: Any = None) -> dict:
+    """Check ``multi_forward(x, A, B, indices, *, scales, W=None, bias=None)`` on one problem."""
+    a, args, kw = _linear_args(p, _converter(to))
+    y = _call("check_multi_forward", forward, p, *args, **kw)
+    ref, tol = serving_reference("multi_forward", p)["y"]
+    return {"y": _compare("check_multi_forward", "y", forward, p, y, ref, tol)}
+
+
+def check_multi_backward_problem(backward: Callable, p: ServingProblem, *, to: Any = None) -> dict:
+    """Check ``multi_backward(x, A, B, indices, dy, *, scales, W=None, bias=None) -> (dx, dA, dB)``."""
+    conv = _converter(to)
+    a, args, kw = _linear_args(p, conv)
+    out = _call("check_multi_backward", backward, p, *args, _in(a["dy"], p, conv), **kw)
+    refs = serving_reference("multi_backward", p)
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise _report("check_multi_backward", "result", backward, p, f"is {type(out).__name__}; expected (dx, dA, dB)")
+    return {k: _compare("check_multi_backward", k, backward, p, v, *refs[k]) for k, v in zip(("dx", "dA", "dB"), out)}
+
+
+def check_sliced_forward_problem(forward: Callable, p: ServingProblem, *, to: Any = None) -> dict:
+    """Check ``sliced_forward(x, A_slices, B_slices, indices, *, scales, W=None, bias=None)`` (p.slices widths)."""
+    if not p.slices:
+        raise ValueError("the problem has no slices; expected ServingProblem(slices=(O_0, O_1, ...))")
+    conv = _converter(to)
+    a, args, kw = _linear_args(p, conv)
+    As = [_in(v, p, conv) for v in a["A_slices"]]
+    Bs = [_in(v, p, conv) for v in a["B_slices"]]
+    y = _call("check_sliced_forward", forward, p, args[0], As, Bs, args[3], **kw)
+    ref, tol = serving_reference("sliced_forward", p)["y"]
+    return {"y": _compare("check_sliced_forward", "y", forward, p, y, ref, tol)}
+
+
+def _emb_args(p: ServingProblem, conv, fn):
+    a = p.arrays()
+    args = (_in(a["ids"], p, conv), _in(a["E"], p, conv), _in(a["embA"], p, conv), _in(a["embB"], p, conv),
+            _in(a["indices"], p, conv))
+    kw = {"scales": tuple(float(v) for v in p.scales)}
+    if p.X:
+        if not _accepts(fn, "extra"):
+            raise _report("check_embedding", "call", fn, p, "has no `extra` parameter, but the problem has added tokens")
+        kw["extra"] = _in(a["extra"], p, conv)
+    return a, args, kw
+
+
+def check_embedding_problem(embedding: Callable, p: ServingProblem, *, to: Any = None) -> dict:
+    """Check ``embedding(ids, E, A, B, indices, *, scales[, extra])`` on one problem (E (V, D) with V = p.I)."""
+    _, args, kw = _emb_args(p, _converter(to), embedding)
+    y = _call("check_embedding", embedding, p, *args, **kw)
+    ref, tol = serving_reference("embedding", p)["y"]
+    return {"y": _compare("check_embedding", "y", embedding, p, y, ref, tol)}
+
+
+def check_embedding_backward_problem(backward: Callable, p: ServingProblem, *, to: Any = None) -> dict:
+    """Check ``embedding_backward(ids, E, A, B, indices, dy, *, scales[, extra]) -> (dA, dB)``."""
+    conv = _converter(to)
+    a, args, kw = _emb_args(p, conv, backward)
+    out = _call("check_embedding_backward", backward, p, *args, _in(a["dy"], p, conv), **kw)
+    refs = serving_reference("embedding_backward", p)
+    return {k: _compare("check_embedding_backward", k, backward, p, v, *refs[k]) for k, v in zip(("dA", "dB"), out)}
+
+
+def check_tp_problem(tp_forward: Callable, p: ServingProblem, *, tp: int, mode: str, to: Any = None) -> dict:
+    """Check ``tp_forward(x, A, B, indices, *, scales, tp, mode, W=None, bias=None) -> [y_t]`` rank by rank."""
+    a, args, kw = _linear_args(p, _converter(to))
+    outs = _call("check_tp", tp_forward, p, *args, tp=tp, mode=mode, **kw)
+    refs = serving_reference("tp", p, tp=tp, mode=mode)
+    if len(outs) != tp:
+        raise _report("check_tp", "outputs", tp_forward, p, f"has {len(outs)} ranks; expected tp = {tp}")
+    extra = f", tp={tp}, mode={mode!r}"
+    return {k: _compare("check_tp", k, tp_forward, p, outs[t], *refs[k], extra) for t, k in enumerate(refs)}
+
+
+# ----------------------------------------------------------------- property-based drivers
+
+def _run(check: str, dtype: str, strategy, body, *, max_examples: int, derandomize: bool) -> ServingResult:
+    from hypothesis import HealthCheck, given, settings  # noqa: PLC0415 - the test extra
+
+    worst: dict = {}
+    count = [0]
+
+    @settings(max_examples=max_examples, derandomize=derandomize, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck), print_blob=False)
+    @given(strategy)
+    def run(p):
+        for k, v in body(p).items():
+            worst[k] = max(worst.get(k, 0.0), v)
+        count[0] += 1
+
+    run()
+    return ServingResult(check, dtype, count[0], worst)
+
+
+def _problems(dtype: str, **kw):
+    from .serving_strategies import serving_problems  # noqa: PLC0415
+
+    return serving_problems(dtypes=(dtype,), **kw)
+
+
+def check_shrink(shrink: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
+                 derandomize: bool = False, **strategy) -> ServingResult:
+    """Property check of a shrink kernel over ``serving_problems(**strategy)``."""
+    return _run("check_shrink", dtype, _problems(dtype, **strategy), lambda p: check_shrink_problem(shrink, p, to=to),
+                max_examples=max_examples, derandomize=derandomize)
+
+
+def check_expand(expand: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
+                 derandomize: bool = False, **strategy) -> ServingResult:
+    """Property check of an expand kernel (with slice offset and add_inputs) over ``serving_problems``."""
+    return _run("check_expand", dtype, _problems(dtype, **strategy), lambda p: check_expand_problem(expand, p, to=to),
+                max_examples=max_examples, derandomize=derandomize)
+
+
+def check_multi_forward(forward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
+                        derandomize: bool = False, **strategy) -> ServingResult:
+    """Property check of a batched multi-adapter forward over ``serving_problems``."""
+    return _run("check_multi_forward", dtype, _problems(dtype, **strategy),
+                lambda p: check_multi_forward_problem(forward, p, to=to), max_examples=max_examples,
+                derandomize=derandomize)
+
+
+def check_multi_backward(backward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
+                         derandomize: bool = False, **strategy) -> ServingResult:
+    """Property check of a batched multi-adapter backward (dx, per-adapter dA, dB)."""
+    return _run("check_multi_backward", dtype, _problems(dtype, **strategy),
+                lambda p: check_multi_backward_problem(backward, p, to=to), max_examples=max_examples,
+                derandomize=derandomize)
+
+
+def check_sliced_forward(forward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
+                         derandomize: bool = False, **strategy) -> ServingResult:
+    """Property check of a fused multi-slice forward (qkv, gate_up) over ``serving_problems(slices=True)``."""
+    return _run("check_sliced_forward", dtype, _problems(dtype, slices=True, **strategy),
+                lambda p: check_sliced_forward_problem(forward, p, to=to), max_examples=max_examples,
+                derandomize=derandomize)
+
+
+def check_embedding(embedding: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
+                    derandomize: bool = False, **strategy) -> ServingResult:
+    """Property check of a multi-adapter embedding LoRA (``extra_vocab=True`` adds added tokens)."""
+    return _run("check_embedding", dtype, _problems(dtype, **strategy),
+                lambda p: check_embedding_problem(embedding, p, to=to), max_examples=max_examples,
+                derandomize=derandomize)
+
+
+def check_embedding_backward(backward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
+                             derandomize: bool = False, **strategy) -> ServingResult:
+    """Property check of an embedding LoRA backward (dA by scatter-add, dB)."""
+    return _run("check_embedding_backward", dtype, _problems(dtype, **strategy),
+                lambda p: check_embedding_backward_problem(backward, p, to=to), max_examples=max_examples,
+                derandomize=derandomize)
+
+
+def check_tp(tp_forward: Callable, *, tp: int, mode: str, dtype: str = "float32", to: Any = None,
+             max_examples: int = 25, derandomize: bool = False, **strategy) -> ServingResult:
+    """Property check of a tensor-parallel candidate, rank by rank, for one (tp, mode)."""
+    strategy.setdefault("max_rows", 12)
+    strategy.setdefault("layouts", ("unsorted", "sorted"))
+    return _run("check_tp", dtype, _problems(dtype, tp=tp, **strategy),
+                lambda p: check_tp_problem(tp_forward, p, tp=tp, mode=mode, to=to), max_examples=max_examples,
+                derandomize=derandomize)

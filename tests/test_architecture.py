@@ -33,7 +33,7 @@ MAY_IMPORT = {
     "arithmetic": {"base", "numerics", "ops", "adapter"},
     "serving": {"base", "numerics", "ops", "arithmetic", "adapter"},
     "io": {"base", "numerics", "ops", "optim", "adapter", "progress"},
-    "testing": {"base", "numerics", "ops", "optim", "arithmetic", "adapter", "io"},
+    "testing": {"base", "numerics", "ops", "optim", "arithmetic", "adapter", "serving", "io"},
     "cli": {"base", "numerics", "ops", "optim", "arithmetic", "adapter", "serving", "io", "testing", "progress", "top"},
     "progress": set(),  # reflora.cli.progress: stdlib only, so io's merge_model may draw its bar
     "top": {"base", "numerics", "ops", "optim", "arithmetic", "adapter", "serving", "io", "testing", "cli",

@@ -49,7 +49,7 @@ import numpy as np
 
 from . import _check as C
 from . import _rows
-from .multi import MultiLoraCache, _row_scales, multi_lora_backward, multi_lora_forward
+from .multi import MultiLoraCache, row_scales, multi_lora_backward, multi_lora_forward
 
 __all__ = ["EmbeddingCache", "EmbeddingGrads", "LogitsCache", "LogitsGrads", "lora_embedding_backward",
            "lora_embedding_forward", "lora_logits_backward", "lora_logits_forward"]
@@ -159,7 +159,7 @@ def lora_embedding_forward(ids, E, A, B, indices, *, scales, extra=None):
     """
     xp, A, B, V, D, X, lead, idx_N, ids_N = _check_embedding(ids, E, A, B, indices, extra)
     L = A.shape[0]
-    s_N = _row_scales(xp, C.check_scales(scales, L), idx_N, E.dtype)
+    s_N = row_scales(xp, C.check_scales(scales, L), idx_N, E.dtype)
     sidx, valid = _rows.safe(xp, idx_N)
     base_ids = xp.where(ids_N < V, ids_N, xp.zeros_like(ids_N))
     # base rows E[t_n]; added tokens from the row's adapter table extra[l, t_n - V]

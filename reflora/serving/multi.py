@@ -148,7 +148,7 @@ def _prepare(x, A, B, indices, scales, W, bias):
     return xp, x_NI, lead, A, B, idx_N, s_L
 
 
-def _row_scales(xp, s_L: np.ndarray, idx_N, dtype):
+def row_scales(xp, s_L: np.ndarray, idx_N, dtype):
     """s[idx[n]] per row (0 for -1 rows), in x's namespace and dtype."""
     s_dev = s_L.astype(dtype) if xp is np else xp.asarray(s_L.tolist(), dtype=dtype)
     sidx, valid = _rows.safe(xp, idx_N)
@@ -187,7 +187,7 @@ def multi_lora_forward(x, A, B, indices, *, scales, W=None, bias=None):
     """
     xp, x_NI, lead, A, B, idx_N, s_L = _prepare(x, A, B, indices, scales, W, bias)
     grp = _rows.groups(idx_N, A.shape[0]) if xp is np else None
-    s_N = _row_scales(xp, s_L, idx_N, x.dtype)
+    s_N = row_scales(xp, s_L, idx_N, x.dtype)
     # shrink: hs_n = s_l (x_n A_l^T), zero for rows without an adapter
     hs_NR = s_N[:, None] * _rows.row_matvec(xp, x_NI, A, idx_N, grp)
     # expand: the LoRA term hs_n B_l^T, N x O

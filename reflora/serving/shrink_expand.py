@@ -36,7 +36,7 @@ import numpy as np
 
 from . import _check as C
 from . import _rows
-from .multi import _row_scales
+from .multi import row_scales
 
 __all__ = ["lora_expand", "lora_shrink", "sliced_lora_forward"]
 
@@ -70,7 +70,7 @@ def lora_shrink(x, A, indices, *, scale):
     if x_NI.shape[1] != I:
         raise ValueError(f"A has shape {C.shape(A)}; expected (L, R, I) = ({L}, {R}, {x_NI.shape[1]}), I taken from x")
     idx_N = C.check_indices(xp, indices, lead, L)
-    s_N = _row_scales(xp, C.check_scales(scale, L, "scale"), idx_N, x.dtype)
+    s_N = row_scales(xp, C.check_scales(scale, L, "scale"), idx_N, x.dtype)
     h_NR = _shrink(xp, x_NI, A, idx_N, s_N, _rows.groups(idx_N, L) if xp is np else None)
     return h_NR if x.ndim == 2 else xp.reshape(h_NR, lead + (R,))
 
@@ -198,7 +198,7 @@ def sliced_lora_forward(x, A_slices: Sequence[Any], B_slices: Sequence[Any], ind
                              f"with I = {x_NI.shape[1]} from x")
     # indices and scales checked once for all slices
     idx = C.check_indices(xp, indices, lead, L)
-    s_N = _row_scales(xp, C.check_scales(scales, L), idx, x.dtype)
+    s_N = row_scales(xp, C.check_scales(scales, L), idx, x.dtype)
     grp = _rows.groups(idx, L) if xp is np else None
     # base output x W^T + bias, or zeros: the buffer every slice is added into
     if W is not None:

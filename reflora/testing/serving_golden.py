@@ -47,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import FormatError, load_tensors, save_tensors
+from .._errors import FormatError
+from ..io.safetensors import load_tensors, save_tensors
 from .serving import serving_reference
 from .serving_problems import ServingProblem, host_dtype
 

@@ -34,7 +34,7 @@ def expand(h, B, indices, *, base, offset):
     return y
 
 
-def _row_scales(indices, scales, dtype):
+def row_scales(indices, scales, dtype):
     s = torch.tensor(scales, dtype=dtype)
     return torch.where(_valid(indices), s[indices.clamp(min=0)], torch.zeros((), dtype=dtype))
 
@@ -42,7 +42,7 @@ def _row_scales(indices, scales, dtype):
 def multi_forward(x, A, B, indices, *, scales, W=None, bias=None):
     """Per-row gather, masked, per-adapter scale on h."""
     safe = indices.clamp(min=0)
-    s = _row_scales(indices, scales, x.dtype)
+    s = row_scales(indices, scales, x.dtype)
     h = torch.einsum("ni, nri -> nr", x, A[safe]) * s[:, None]
     y = torch.einsum("nr, nor -> no", h, B[safe])
     if W is not None:
@@ -69,7 +69,7 @@ def embedding(ids, E, A, B, indices, *, scales, extra=None):
         added = extra.reshape(L * X, -1)[(safe * X + (ids - V)).clamp(min=0)]
         base = torch.where((ids >= V)[:, None], added, base)
     a = torch.nn.functional.embedding(safe * VX + ids, A.permute(0, 2, 1).reshape(L * VX, R))
-    s = _row_scales(indices, scales, E.dtype)
+    s = row_scales(indices, scales, E.dtype)
     return base + torch.einsum("nr, ndr -> nd", a * s[:, None], B[safe])
 
 
@@ -87,7 +87,7 @@ def _shard(t, T, dim, k):
 def tp_forward(x, A, B, indices, *, scales, tp, mode, W=None, bias=None, gather_when_replicated=False):
     """Simulated tensor parallelism the way vLLM's layers split the work (one slice)."""
     T = tp
-    s = _row_scales(indices, scales, x.dtype)
+    s = row_scales(indices, scales, x.dtype)
     safe = indices.clamp(min=0)
 
     def shrink_(xx, AA):
@@ -196,7 +196,7 @@ def sliced_forward(x, A_slices, B_slices, indices, *, scales, W=None, bias=None)
         y = y + x @ W.T
     if bias is not None:
         y = y + bias
-    s = _row_scales(indices, scales, x.dtype)
+    s = row_scales(indices, scales, x.dtype)
     off = 0
     for A, B in zip(A_slices, B_slices):
         h = shrink(x, A, indices, scale=1.0) * s[:, None]
@@ -212,7 +212,7 @@ def sliced_forward_offset_by_rank(x, A_slices, B_slices, indices, *, scales, W=N
         y = y + x @ W.T
     if bias is not None:
         y = y + bias
-    s = _row_scales(indices, scales, x.dtype)
+    s = row_scales(indices, scales, x.dtype)
     off = 0
     for A, B in zip(A_slices, B_slices):
         h = shrink(x, A, indices, scale=1.0) * s[:, None]

@@ -210,3 +210,13 @@ def test_docs_extra_lists_what_mkdocs_yml_uses():
 
 
 # The site build itself (strict, self-contained, maths rendered) is checked in tests/test_site.py.
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """The README's examples run as written (in a scratch folder: they write files)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md python block {i + 1}", "exec"), {"__name__": "__readme__"})

@@ -21,35 +21,10 @@ from .._errors import FormatError
 from ..adapter import LoraAdapter
 from ..backend import asarray, to_numpy
 from ..config import LoraConfig
+from .atomic import atomic_write
+from .safetensors import load_tensors, read_header, save_tensors  # noqa: F401 - used by the format modules
 
 RECORD_VERSION = 1
-
-
-def _io():
-    """(load_tensors, save_tensors, read_header, atomic_write) wherever the layout puts them."""
-    try:  # the reorganised package (issue 13)
-        from .atomic import atomic_write  # noqa: PLC0415
-        from .safetensors import load_tensors, read_header, save_tensors  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - the flat package before the move
-        from ..safetensors_io import _atomic_write as atomic_write  # noqa: PLC0415
-        from ..safetensors_io import load_tensors, read_header, save_tensors  # noqa: PLC0415
-    return load_tensors, save_tensors, read_header, atomic_write
-
-
-def load_tensors(path: Any, **kw: Any):
-    return _io()[0](path, **kw)
-
-
-def save_tensors(path: Any, tensors: Any, **kw: Any):
-    return _io()[1](path, tensors, **kw)
-
-
-def read_header(path: Any):
-    return _io()[2](path)
-
-
-def atomic_write(path: Any, write_to: Any, *, overwrite: bool) -> None:
-    return _io()[3](path, write_to, overwrite=overwrite)
 
 
 def write_text(path: str, text: str, *, overwrite: bool) -> None:

@@ -23,20 +23,13 @@ from ..adapter import LoraAdapter
 from . import _common as c
 from .gguf import is_gguf, load_gguf, save_gguf
 from .kohya import is_kohya, load_kohya, save_kohya
+from .layouts import load_adapter, save_adapter
 from .mlx import MLX_WEIGHTS_NAME, load_mlx, save_mlx
+from .peft import load_peft, save_peft
 
 __all__ = ["FORMATS", "detect_format", "load_any", "save_any"]
 
 FORMATS = ("peft", "seed", "kohya", "mlx", "gguf")
-
-
-def _layouts():
-    try:
-        from .layouts import load_adapter, save_adapter  # noqa: PLC0415
-        from .peft import load_peft, save_peft  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - before the package reorganisation
-        from ..adapter_io import load_adapter, load_peft, save_adapter, save_peft  # noqa: PLC0415
-    return load_adapter, save_adapter, load_peft, save_peft
 
 
 def detect_format(path: Any) -> str:
@@ -83,7 +76,6 @@ def load_any(path: Any, *, format: str | None = None, layout: str | None = None,
     fmt = detect_format(p) if format is None else format
     if fmt not in FORMATS + ("file",):
         raise ValueError(f"format is {format!r}; expected one of {FORMATS}")
-    load_adapter, _, load_peft, _ = _layouts()
     if fmt == "peft" and os.path.isdir(p):
         return load_peft(p, xp=xp, dtype=dtype)
     if fmt in ("peft", "seed", "file"):
@@ -112,7 +104,6 @@ def save_any(path: Any, adapters: Mapping[str, LoraAdapter], format: str, *, n_h
     if format not in FORMATS:
         raise ValueError(f"format is {format!r}; expected one of {FORMATS}")
     mods = c.as_modules(adapters)
-    _, save_adapter, _, save_peft = _layouts()
     if format == "peft":
         save_peft(path, mods, overwrite=overwrite)
     elif format == "seed":

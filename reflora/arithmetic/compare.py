@@ -166,13 +166,26 @@ def _name_factor(c: float, ad_a: LoraAdapter, ad_b: LoraAdapter) -> str:
     return f"constant factor {c:.8g}: the scales differ (alpha or rank recorded differently)"
 
 
-def _rows_permuted(ad_a: LoraAdapter, ad_b: LoraAdapter, W_a: Any, W_b: Any) -> bool:
+def _rows_permuted(ad_a: LoraAdapter, ad_b: LoraAdapter, W_a: Any, W_b: Any) -> float | None:
+    """The factor c with the rows of a equal to the rows of c b in another order, or None.
+
+    c = ±||a||_F / ||b||_F (a row permutation keeps the norm); rows are sorted
+    lexicographically on both sides and compared to PROPORTIONAL_RTOL.
+    """
     O, I = int(ad_a.B.shape[0]), int(ad_a.A.shape[1])
     if O * I > _PERMUTE_LIMIT or ad_b.B.shape[0] != O or ad_b.A.shape[1] != I:
-        return False
+        return None
     a, b = delta_rows(ad_a, 0, O, W=W_a), delta_rows(ad_b, 0, O, W=W_b)
-    ka, kb = np.lexsort(a.T[::-1]), np.lexsort(b.T[::-1])
-    return bool(np.array_equal(a[ka], b[kb])) and not np.array_equal(a, b)
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 or nb == 0:
+        return None
+    sa = a[np.lexsort(a.T[::-1])]
+    for c in (na / nb, -na / nb):
+        cb = c * b
+        sb = cb[np.lexsort(cb.T[::-1])]
+        if np.max(np.abs(sa - sb)) <= PROPORTIONAL_RTOL * np.max(np.abs(a)):
+            return c
+    return None
 
 
 def _compare_module(name: str, other: str, ad_a: LoraAdapter, ad_b: LoraAdapter, rtol: float,
@@ -214,10 +227,13 @@ def _compare_module(name: str, other: str, ad_a: LoraAdapter, ad_b: LoraAdapter,
             return ModuleDiff(name, other, "differs", st["diff"], rel, c, verdict)
         if best is None:
             verdict = "differs, not by a constant factor (different weights)"
-            if plain and not transposed and _rows_permuted(ad_a, ad_b, W_a, W_b):
+            perm = _rows_permuted(ad_a, ad_b, W_a, W_b) if plain and not transposed else None
+            if perm is not None:
                 verdict = ("rows permuted: the same rows of ΔW in another order (e.g. llama.cpp's q/k head "
-                           "permutation in a GGUF file not undone: pass the head counts)")
-            best = ModuleDiff(name, other, "differs", st["diff"], rel, c, verdict)
+                           "permutation in a GGUF file not undone: pass the right head counts)")
+                if abs(perm - 1.0) > 2.0**-22:
+                    verdict += f"; and {_name_factor(perm, ad_a, ad_b)}"
+            best = ModuleDiff(name, other, "differs", st["diff"], rel, perm if perm is not None else c, verdict)
     return best
 
 

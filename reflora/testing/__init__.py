@@ -46,3 +46,8 @@ __all__ = [
     "emulate_merge",
     "emulate_train",
 ]
+
+# golden cases for adapter-format converters in other languages (issue 16, branch formats)
+from .format_golden import FORMAT_CASES, check_converted, write_format_cases  # noqa: E402
+
+__all__ += ["FORMAT_CASES", "check_converted", "write_format_cases"]

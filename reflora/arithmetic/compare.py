@@ -27,7 +27,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from ..adapter import LoraAdapter
-from .delta import _f64, delta_bias, delta_rows
+from .delta import as_float64, delta_bias, delta_rows
 
 __all__ = ["PROPORTIONAL_RTOL", "AdapterDiff", "ModuleDiff", "compare_adapters"]
 
@@ -116,7 +116,7 @@ def _stats(ad_a: LoraAdapter, ad_b: LoraAdapter, *, transposed: bool, factor: fl
     O = int(ad_a.B.shape[0])
     st = {"diff": 0.0, "max_a": 0.0, "max_b": 0.0, "ab": 0.0, "bb": 0.0, "equal": True}
     if transposed:
-        A_b, B_b = _f64(ad_b.A), _f64(ad_b.B)  # bᵀ rows lo:hi = s (A_bᵀ[lo:hi]) B_bᵀ
+        A_b, B_b = as_float64(ad_b.A), as_float64(ad_b.B)  # bᵀ rows lo:hi = s (A_bᵀ[lo:hi]) B_bᵀ
     for lo in range(0, O, _ROWS):
         hi = min(O, lo + _ROWS)
         a = delta_rows(ad_a, lo, hi, W=W_a)
@@ -237,20 +237,22 @@ def _compare_module(name: str, other: str, ad_a: LoraAdapter, ad_b: LoraAdapter,
     return best
 
 
-def compare_adapters(a: Any, b: Any, *, rtol: float = 0.0, W: Mapping[str, Any] | None = None,
-                     **load_options: Any) -> AdapterDiff:
+def compare_adapters(a: Any, b: Any, *, rtol: float = 0.0, W: Mapping[str, Any] | None = None) -> AdapterDiff:
     """Compare two adapters module by module by their ΔW (see the module docstring).
 
     Args:
-      a, b: {module: LoraAdapter} mappings, single LoraAdapters, or paths of any format
-        ``reflora.io.formats.load_any`` reads (PEFT folder, seed/peft file, kohya, mlx, GGUF).
+      a, b: {module: LoraAdapter} mappings or single LoraAdapters (files of any format are
+        read with ``reflora.load_any``; ``reflora diff`` takes paths).
       rtol: 0 demands bit-identical ΔW (what a lossless conversion gives); > 0 accepts
         max|ΔW_a - ΔW_b| <= rtol max|ΔW_b| (e.g. after a float16 save).
       W: {module: base weight (O, I)} for DoRA modules without their own.
-      load_options: passed to ``load_any`` for paths (e.g. n_head=32 for a Llama GGUF).
 
     Returns:
       ``AdapterDiff(modules, rtol)``; ``.ok`` when everything agrees, ``.format()`` the table.
+
+    Raises:
+      ValueError: a negative or non-finite rtol; a DoRA module without a base weight.
+      TypeError: inputs that are not adapters.
 
     Example:
       >>> import numpy as np, reflora
@@ -263,13 +265,12 @@ def compare_adapters(a: Any, b: Any, *, rtol: float = 0.0, W: Mapping[str, Any] 
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (rtol >= 0 and math.isfinite(rtol)):
         raise ValueError(f"rtol is {rtol!r}; expected a finite number >= 0")
     side = []
-    for x in (a, b):
+    for x, label in ((a, "a"), (b, "b")):
         if isinstance(x, LoraAdapter):
             x = {"": x}
-        elif not isinstance(x, Mapping):
-            from ..io.formats import load_any  # noqa: PLC0415
-
-            x = load_any(x, **load_options)
+        if not isinstance(x, Mapping) or not all(isinstance(v, LoraAdapter) for v in x.values()):
+            raise TypeError(f"{label} is {type(x).__name__}; expected a LoraAdapter or {{module: LoraAdapter}} "
+                            "(read files with reflora.load_any; `reflora diff` does)")
         side.append(x)
     ma, mb = side
     W = W or {}

@@ -24,7 +24,8 @@ from ..backend import to_numpy
 __all__ = ["delta_bias", "delta_rows", "delta_weight"]
 
 
-def _f64(x: Any) -> np.ndarray:
+def as_float64(x: Any) -> np.ndarray:
+    """A float64 host copy of any array (exact for every floating dtype)."""
     return np.asarray(to_numpy(x), dtype=np.float64)
 
 
@@ -34,20 +35,20 @@ def delta_rows(adapter: LoraAdapter, lo: int, hi: int, *, W: Any = None) -> np.n
     ΔW rows are s (B[lo:hi] A); for DoRA (m/n)(W + s B A) - W on the same rows (each row's
     norm needs only that row).
     """
-    A, B = _f64(adapter.A), _f64(adapter.B)[lo:hi]
+    A, B = as_float64(adapter.A), as_float64(adapter.B)[lo:hi]
     upd = adapter.scale * (B @ A)  # s (B A): the product first, then the scale, as PEFT's get_delta_weight
     if adapter.magnitude is None:
         return upd
     base = W if W is not None else adapter.W
     if base is None:
         raise ValueError("a DoRA adapter's ΔW depends on its base weight: pass W (O, I) or give the adapter W")
-    w = _f64(base)
+    w = as_float64(base)
     if w.shape != (adapter.B.shape[0], adapter.A.shape[1]):
         raise ValueError(f"W has shape {w.shape}; expected (O, I) = {(adapter.B.shape[0], adapter.A.shape[1])}")
     w = w[lo:hi]
     merged = w + upd
     n = np.linalg.norm(merged, axis=1)  # per output row, as PEFT (dim=1 of the (O, I) weight)
-    m = _f64(adapter.magnitude)[lo:hi]
+    m = as_float64(adapter.magnitude)[lo:hi]
     return (m / n)[:, None] * merged - w
 
 
@@ -87,4 +88,4 @@ def delta_bias(adapter: LoraAdapter) -> np.ndarray | None:
     """Δbias = s c for PEFT's lora_bias c (O,) in float64, or None when the adapter has none."""
     if adapter.lora_bias is None:
         return None
-    return adapter.scale * _f64(adapter.lora_bias)
+    return adapter.scale * as_float64(adapter.lora_bias)

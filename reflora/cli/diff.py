@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from ..arithmetic.compare import compare_adapters
+from ..io.formats import load_any
 
 __all__ = ["register"]
 
@@ -20,7 +21,7 @@ __all__ = ["register"]
 def _diff(args: argparse.Namespace) -> int:
     opts = {"n_head": args.n_head, "n_head_kv": args.n_head_kv, "alpha": args.alpha,
             "use_rslora": args.use_rslora or None, "xp": "numpy"}
-    report = compare_adapters(args.a, args.b, rtol=args.rtol, **opts)
+    report = compare_adapters(load_any(args.a, **opts), load_any(args.b, **opts), rtol=args.rtol)
     print(report.format())
     return 0 if report.ok else 1
 

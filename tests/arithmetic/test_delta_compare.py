@@ -152,7 +152,7 @@ def test_kohya_names_match_dotted_paths(tmp_path):
     reflora.save_kohya(tmp_path / "k.safetensors", a)
     import safetensors.numpy as stn
     stn.save_file(stn.load_file(str(tmp_path / "k.safetensors")), str(tmp_path / "plain.safetensors"))
-    d = reflora.compare_adapters(a, tmp_path / "plain.safetensors")
+    d = reflora.compare_adapters(a, reflora.load_any(tmp_path / "plain.safetensors"))
     assert d.ok and d.modules[0].other == "lora_unet_down_blocks_0_attentions_0_proj_in", d.format()
 
 

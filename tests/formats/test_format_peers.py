@@ -376,3 +376,37 @@ def test_reflora_gguf_passes_llama_cpp_loader_checks(tmp_path):
         a, b = t[base + ".weight.lora_a"], t[base + ".weight.lora_b"]
         assert int(a.shape[0]) == I and int(b.shape[1]) == O and int(a.shape[1]) == int(b.shape[0])
     assert t["blk.0.ffn_down.weight.lora_a"].tensor_type == gguf.GGMLQuantizationType.F16
+
+
+@pytest.mark.parametrize("alpha", [2.0, 3.0])
+def test_kohya_flux_file_read_as_diffusers_flux_converter_reads_it(tmp_path, alpha):
+    """diffusers' _convert_kohya_flux_lora_to_diffusers folds s = alpha / R into the factors (A s_down, B s_up,
+    with s_down s_up = s). Its ΔW equals reflora's s B A bit for bit when s is a power of two (R = 4, alpha = 2),
+    and within the float32 rounding of the folded A otherwise: |ΔW_d - ΔW| <= 2^-24 |s| (|B| |A|) per element
+    (one rounding of each A' element; the float64 evaluation of both sides adds ~R 2^-53, far below)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    names = {"lora_unet_double_blocks_0_img_attn_proj": ("transformer.transformer_blocks.0.attn.to_out.0", 24, 24),
+             "lora_unet_single_blocks_0_linear2": ("transformer.single_transformer_blocks.0.proj_out", 40, 24)}
+    sd = {}
+    for k, (_, I, O) in names.items():
+        sd[k + ".lora_down.weight"] = torch.randn(4, I, generator=g)
+        sd[k + ".lora_up.weight"] = torch.randn(O, 4, generator=g)
+        sd[k + ".alpha"] = torch.tensor(alpha)
+    save_file(sd, str(tmp_path / "flux.safetensors"))
+    ours = reflora.load_kohya(tmp_path / "flux.safetensors")
+    theirs = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in sd.items()})
+    for k, (path, _, _) in names.items():
+        A_d = theirs[path + ".lora_A.weight"].double().numpy()
+        B_d = theirs[path + ".lora_B.weight"].double().numpy()
+        ad = ours[k]
+        got = reflora.delta_weight(ad)
+        want = B_d @ A_d  # diffusers loads these with scale 1 (alpha folded in)
+        if alpha == 2.0:
+            assert np.array_equal(got, want), k
+        else:
+            bound = 2.0**-24 * ad.scale * (np.abs(np.asarray(ad.B, np.float64)) @ np.abs(np.asarray(ad.A, np.float64)))
+            assert np.all(np.abs(got - want) <= bound), (k, float(np.max(np.abs(got - want) - bound)))
+            assert not np.array_equal(got, want)  # the folding did round: the bound is what is tested

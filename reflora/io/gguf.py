@@ -26,8 +26,9 @@ What the format cannot hold: different alphas per module (one adapter.lora.alpha
 rank_pattern adapter with one lora_alpha is fine, since s = alpha / R per pair), an rsLoRA
 flag (a single-rank rsLoRA adapter is stored as alpha_eff = alpha sqrt(R), rounded to
 float32), DoRA, lora_bias, float64 tensors (llama.cpp's converter writes f32, f16, bf16,
-q8_0). llama.cpp's own converter ignores use_rslora and alpha_pattern (it writes lora_alpha
-as is), so an rsLoRA adapter it converted is sqrt(R) too weak: ``reflora diff`` says so.
+q8_0; reflora writes f32, f16 and bf16). llama.cpp's own converter ignores use_rslora and
+alpha_pattern (it writes lora_alpha as is), so an rsLoRA adapter it converted is sqrt(R) too
+weak: ``reflora diff`` says so.
 reflora adds the KV ``reflora.record`` (JSON: each module's exact config and the head counts).
 """
 
@@ -59,7 +60,7 @@ LLAMA_NAMES = (
     (r"model\.layers\.(\d+)\.mlp\.down_proj", "blk.{}.ffn_down"),
     (r"lm_head", "output"),
 )
-GGUF_DTYPES = ("float32", "float16")
+GGUF_DTYPES = ("float32", "float16", "bfloat16")
 _RECORD_KEY = "reflora.record"
 _MAGIC = b"GGUF"
 
@@ -183,7 +184,11 @@ def save_gguf(path: Any, adapters: Mapping[str, LoraAdapter], *, arch: str = "ll
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         w.add_string(_RECORD_KEY, record)
         for name, arr in tensors.items():
-            w.add_tensor(name, arr)
+            if arr.dtype.name == "bfloat16":  # as the converter writes bf16: gguf.quants gives the raw bytes
+                q = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.BF16)  # exact: bf16 values
+                w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:
+                w.add_tensor(name, arr)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

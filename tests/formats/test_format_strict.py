@@ -260,3 +260,31 @@ def test_detect_format(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FormatError, match="PEFT or mlx-lm"):
         reflora.detect_format(tmp_path / "empty")
+
+
+def test_gguf_bfloat16_round_trip_and_as_the_converter_writes_it(tmp_path):
+    """bf16 tensors: gguf.quants' BF16 bytes (what convert_lora_to_gguf --outtype bf16 writes) read as
+    ml_dtypes.bfloat16 with the same bits; reflora's own bf16 file reloads bit for bit."""
+    import ml_dtypes
+
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    y = rng.standard_normal((4, 2)).astype(np.float32)
+    w = gguf.GGUFWriter(str(tmp_path / "c.gguf"), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 4.0)
+    for n, a in (("blk.0.ffn_up.weight.lora_a", x), ("blk.0.ffn_up.weight.lora_b", y)):
+        q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.BF16)
+        w.add_tensor(n, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (ad,) = reflora.load_gguf(tmp_path / "c.gguf").values()
+    assert ad.A.dtype == ml_dtypes.bfloat16
+    assert np.array_equal(np.asarray(ad.A).view(np.uint16), x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert np.array_equal(np.asarray(ad.B).view(np.uint16), y.astype(ml_dtypes.bfloat16).view(np.uint16))
+    reflora.save_gguf(tmp_path / "r.gguf", {"model.layers.0.mlp.up_proj": ad})
+    (back,) = reflora.load_gguf(tmp_path / "r.gguf").values()
+    assert np.array_equal(np.asarray(back.A).view(np.uint16), np.asarray(ad.A).view(np.uint16))
+    assert np.array_equal(reflora.delta_weight(back), reflora.delta_weight(ad))

@@ -21,7 +21,6 @@ permutation in GGUF not undone). A module on one side only is "missing module".
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
@@ -79,8 +78,8 @@ class AdapterDiff(NamedTuple):
         return "\n".join(lines)
 
 
-_PARTS = (("lora_unet_", "unet"), ("lora_te2_", "te2"), ("lora_te1_", "te1"), ("lora_te_", "te1"),
-          ("lora_transformer_", "transformer"), ("unet.", "unet"), ("text_encoder_2.", "te2"),
+_PARTS = (("lora_unet_", "unet"), ("lora_te3_", "te3"), ("lora_te2_", "te2"), ("lora_te1_", "te1"),
+          ("lora_te_", "te1"), ("lora_transformer_", "transformer"), ("unet.", "unet"), ("text_encoder_2.", "te2"),
           ("text_encoder.", "te1"), ("transformer.", "transformer"))
 
 

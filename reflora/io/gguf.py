@@ -34,7 +34,6 @@ reflora adds the KV ``reflora.record`` (JSON: each module's exact config and the
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -115,7 +114,8 @@ def permute_rows(b_OR: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf's LlamaModel.permute on the rows of B: (h, 2, O/h/2, R) -> swap 1, 2 -> (O, R)."""
     O, R = b_OR.shape
     if heads < 1 or O % (2 * heads):
-        raise ValueError(f"O = {O} rows do not split into {heads} heads of two halves (O must be a multiple of 2 heads)")
+        raise ValueError(f"O = {O} rows do not split into {heads} heads of two halves (O must be a multiple of "
+                         "2 x heads)")
     return b_OR.reshape(heads, 2, O // heads // 2, R).swapaxes(1, 2).reshape(O, R)
 
 
@@ -123,7 +123,8 @@ def unpermute_rows(b_OR: np.ndarray, heads: int) -> np.ndarray:
     """Inverse of ``permute_rows``: (h, O/h/2, 2, R) -> swap 1, 2 -> (O, R)."""
     O, R = b_OR.shape
     if heads < 1 or O % (2 * heads):
-        raise ValueError(f"O = {O} rows do not split into {heads} heads of two halves (O must be a multiple of 2 heads)")
+        raise ValueError(f"O = {O} rows do not split into {heads} heads of two halves (O must be a multiple of "
+                         "2 x heads)")
     return b_OR.reshape(heads, O // heads // 2, 2, R).swapaxes(1, 2).reshape(O, R)
 
 

@@ -10,6 +10,7 @@ One safetensors file; per adapted module a *LoRA name* and three tensors
 The name is a prefix for the model part plus the module path with every "." replaced
 by "_": ``lora_unet_`` (the UNet, or a FLUX/SD3 transformer as kohya names it),
 ``lora_te_`` / ``lora_te1_`` (the first text encoder), ``lora_te2_`` (the second),
+``lora_te3_`` (SD3's T5; read only),
 ``lora_transformer_`` (diffusers-named transformers). The mangling loses the dots
 (``to_q`` vs ``to.q``), so a file alone does not give back module paths: diffusers
 re-inserts them with per-model string rules (``lora_conversion_utils.py``). reflora
@@ -27,7 +28,6 @@ converter as s = 0.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Mapping
 
@@ -43,7 +43,7 @@ __all__ = ["KOHYA_PREFIXES", "kohya_name", "load_kohya", "save_kohya"]
 #: module path's first component -> kohya LoRA name prefix (others get "lora_unet_" + the whole path).
 KOHYA_PREFIXES = (("unet", "lora_unet_"), ("text_encoder_2", "lora_te2_"), ("text_encoder", "lora_te_"),
                   ("transformer", "lora_transformer_"))
-_NAME_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
+_NAME_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
 _KEY_RE = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+)\.(?P<what>lora_down\.weight|lora_up\.weight|alpha)$")
 #: kohya/LyCORIS tensors reflora does not read -> what they are.
 _UNSUPPORTED = (

@@ -78,7 +78,7 @@ def test_golden_gguf_raw_tensors_follow_llama_cpp(cases):
 
 
 def test_golden_mlx_folder_loads_in_mlx_lm(cases):
-    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx.core")
     from mlx_lm.models import llama
     from mlx_lm.tuner.utils import load_adapters
 

@@ -10,7 +10,6 @@ give the same ΔW bit for bit, and the peer's own ΔW formula is then not in que
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -35,7 +34,8 @@ class _Attn(torch.nn.Module):
 class _Mlp(torch.nn.Module):
     def __init__(self, d, f):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = torch.nn.Linear(d, f), torch.nn.Linear(d, f), torch.nn.Linear(f, d)
+        self.gate_proj, self.up_proj = torch.nn.Linear(d, f), torch.nn.Linear(d, f)
+        self.down_proj = torch.nn.Linear(f, d)
 
 
 class _Layer(torch.nn.Module):

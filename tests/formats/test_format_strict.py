@@ -133,8 +133,9 @@ def test_mlx_refuses_several_ranks_or_scales(tmp_path):
 def _mlx_folder(tmp_path, cfg=None, tensors=None):
     d = tmp_path / "m"
     d.mkdir(exist_ok=True)
-    tensors = tensors if tensors is not None else {"model.layers.0.self_attn.q_proj.lora_a": np.ones((8, 2), np.float32),
-                                                   "model.layers.0.self_attn.q_proj.lora_b": np.ones((2, 4), np.float32)}
+    if tensors is None:
+        tensors = {"model.layers.0.self_attn.q_proj.lora_a": np.ones((8, 2), np.float32),
+                   "model.layers.0.self_attn.q_proj.lora_b": np.ones((2, 4), np.float32)}
     save_file(tensors, str(d / "adapters.safetensors"))
     cfg = cfg if cfg is not None else {"fine_tune_type": "lora", "num_layers": 2,
                                        "lora_parameters": {"rank": 2, "scale": 20.0, "dropout": 0.0}}

@@ -278,7 +278,12 @@ def load_gguf(path: Any, *, n_head: int | None = None, n_head_kv: int | None = N
                               "supported)")
         if m["half"] in halves.setdefault(m["base"], {}):
             raise FormatError(f"{where}: two tensors named {t.name!r}")
-        halves[m["base"]][m["half"]] = _tensor_array(t, gguf, where)
+        try:
+            halves[m["base"]][m["half"]] = _tensor_array(t, gguf, where)
+        except (ValueError, TypeError, IndexError) as exc:
+            if isinstance(exc, FormatError):
+                raise
+            raise FormatError(f"{where}: tensor {t.name!r} cannot be read ({type(exc).__name__}: {exc})") from None
     if not halves:
         raise FormatError(f"{where}: no LoRA tensors")
     if record is not None and sorted(record["modules"]) != sorted(halves):

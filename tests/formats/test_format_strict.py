@@ -8,6 +8,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import reflora
 from reflora import FormatError
@@ -289,3 +291,24 @@ def test_gguf_bfloat16_round_trip_and_as_the_converter_writes_it(tmp_path):
     (back,) = reflora.load_gguf(tmp_path / "r.gguf").values()
     assert np.array_equal(np.asarray(back.A).view(np.uint16), np.asarray(ad.A).view(np.uint16))
     assert np.array_equal(reflora.delta_weight(back), reflora.delta_weight(ad))
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_corrupted_gguf_gives_format_error_or_reads(tmp_path_factory, data):
+    """Any byte of a reflora GGUF changed: the reader either returns adapters or raises FormatError
+    (or ValueError asking for head counts), never another exception from the gguf package."""
+    d = tmp_path_factory.mktemp("fuzz")
+    p = d / "a.gguf"
+    reflora.save_gguf(p, {"model.layers.0.mlp.up_proj": _ad()})
+    raw = bytearray(p.read_bytes())
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    p.write_bytes(bytes(raw))
+    try:
+        reflora.load_gguf(p)
+    except FormatError as e:
+        assert str(p) in str(e)
+    except ValueError as e:  # a corrupted name can become Llama's attn_q / attn_k: reflora asks for head counts
+        assert "pass n_head" in str(e), e

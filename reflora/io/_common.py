@@ -22,7 +22,6 @@ from ..adapter import LoraAdapter
 from ..backend import asarray, to_numpy
 from ..config import LoraConfig
 from .atomic import atomic_write
-from .safetensors import load_tensors, read_header, save_tensors  # noqa: F401 - used by the format modules
 
 RECORD_VERSION = 1
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from .._errors import FormatError
 from ..adapter import LoraAdapter
 from . import _common as c
+from .safetensors import read_header
 from .gguf import is_gguf, load_gguf, save_gguf
 from .kohya import is_kohya, load_kohya, save_kohya
 from .layouts import load_adapter, save_adapter
@@ -52,7 +53,7 @@ def detect_format(path: Any) -> str:
         raise FileNotFoundError(f"{p}: no such file or folder")
     if is_gguf(p):
         return "gguf"
-    header, _ = c.read_header(p)
+    header, _ = read_header(p)
     return "kohya" if is_kohya(header) else "file"
 
 
@@ -82,7 +83,7 @@ def load_any(path: Any, *, format: str | None = None, layout: str | None = None,
         lay = layout if layout is not None else (fmt if format is not None else None)
         got = load_adapter(p, layout=lay, alpha=alpha, use_rslora=use_rslora, xp=xp, dtype=dtype)
         if isinstance(got, LoraAdapter):
-            header, _ = c.read_header(p)
+            header, _ = read_header(p)
             name = next(iter(header)).rsplit("lora_", 1)[0].removeprefix("base_model.model.").rstrip(".")
             return {name or "linear": got}
         return got

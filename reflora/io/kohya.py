@@ -37,6 +37,7 @@ from .._errors import FormatError
 from ..adapter import LoraAdapter
 from ..backend import to_numpy
 from . import _common as c
+from .safetensors import load_tensors, save_tensors
 
 __all__ = ["KOHYA_PREFIXES", "kohya_name", "load_kohya", "save_kohya"]
 
@@ -108,7 +109,7 @@ def save_kohya(path: Any, adapters: Mapping[str, LoraAdapter], *, overwrite: boo
         tensors[f"{name}.lora_up.weight"] = to_numpy(ad.B)
         tensors[f"{name}.alpha"] = np.asarray(alpha, dtype=np.float32 if c.exact_float32(alpha) else np.float64)
     meta = {_RECORD_KEY: c.record_json("kohya", names), "ss_network_module": "networks.lora"}
-    c.save_tensors(c.fspath(path), tensors, metadata=meta, overwrite=overwrite)
+    save_tensors(c.fspath(path), tensors, metadata=meta, overwrite=overwrite)
 
 
 def is_kohya(names: Any) -> bool:
@@ -131,7 +132,7 @@ def load_kohya(path: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, Lor
         convolution weights, ranks that disagree, a record that contradicts the tensors.
     """
     where = c.fspath(path)
-    tensors, metadata = c.load_tensors(where, xp="numpy", dtype=dtype)
+    tensors, metadata = load_tensors(where, xp="numpy", dtype=dtype)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, arr in tensors.items():
         m = _KEY_RE.match(key)

@@ -36,6 +36,7 @@ from .._errors import FormatError
 from ..adapter import LoraAdapter
 from ..backend import to_numpy
 from . import _common as c
+from .safetensors import load_tensors, save_tensors
 
 __all__ = ["MLX_CONFIG_NAME", "MLX_WEIGHTS_NAME", "is_mlx_dir", "load_mlx", "save_mlx"]
 
@@ -94,7 +95,7 @@ def save_mlx(directory: Any, adapters: Mapping[str, LoraAdapter], *, overwrite: 
         for p in (cfg_path, weights):
             if os.path.lexists(p):
                 raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
-    c.save_tensors(weights, tensors, metadata={"format": "mlx"}, overwrite=overwrite)
+    save_tensors(weights, tensors, metadata={"format": "mlx"}, overwrite=overwrite)
     c.write_text(cfg_path, json.dumps(config, indent=4) + "\n", overwrite=overwrite)
 
 
@@ -143,7 +144,7 @@ def load_mlx(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, 
     R, s = _number(lp, "rank", cfg_path, integer=True), float(_number(lp, "scale", cfg_path))
     if not os.path.exists(weights):
         raise FormatError(f"{directory}: no {MLX_WEIGHTS_NAME}")
-    tensors, _ = c.load_tensors(weights, xp="numpy", dtype=dtype)
+    tensors, _ = load_tensors(weights, xp="numpy", dtype=dtype)
     record = c.parse_record(cfg.get("reflora"), "mlx", cfg_path)
     halves: dict[str, dict[str, np.ndarray]] = {}
     for key, arr in tensors.items():

@@ -149,7 +149,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def convert(src: str, dst: str, *, to: str, layout: str | None = None, alpha: float | None = None,
             use_rslora: bool | None = None, module: str = "linear", force: bool = False,
-            n_head: int | None = None, n_head_kv: int | None = None) -> str:
+            n_head: int | None = None, n_head_kv: int | None = None, arch: str = "llama") -> str:
     """Read SRC (any format) and write DST in format ``to``; return a one-line summary.
 
     ΔW is kept bit for bit (A, B and the scale are copied); a format that cannot hold the
@@ -170,7 +170,7 @@ def convert(src: str, dst: str, *, to: str, layout: str | None = None, alpha: fl
     n = 1 if isinstance(adapters, LoraAdapter) else len(adapters)
     if to in OTHER_FORMATS:
         save_any(dst, {module: adapters} if isinstance(adapters, LoraAdapter) else adapters, to, n_head=n_head,
-                 n_head_kv=n_head_kv, overwrite=force)
+                 n_head_kv=n_head_kv, arch=arch, overwrite=force)
         return f"wrote {dst} (format {to}, {n} module{'s' * (n != 1)})"
     if to == "peft" and (os.path.isdir(dst) or not dst.endswith(".safetensors")):
         if isinstance(adapters, LoraAdapter):
@@ -187,7 +187,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         print(convert(args.src, args.dst, to=args.to, layout=args.layout, alpha=args.alpha,
                       use_rslora=args.use_rslora or None, module=args.module, force=args.force,
-                      n_head=args.n_head, n_head_kv=args.n_head_kv))
+                      n_head=args.n_head, n_head_kv=args.n_head_kv, arch=args.arch))
     except FileExistsError as exc:
         where = exc.filename if exc.filename is not None else str(exc).split(";")[0]
         raise FileExistsError(f"{where} exists; pass --force to replace it") from None
@@ -214,6 +214,7 @@ def register(sub) -> None:
     c.add_argument("--module", default="linear", help="module path of a single adapter written as peft")
     c.add_argument("--force", action="store_true", help="replace existing DST files")
     _head_args(c)
+    c.add_argument("--arch", choices=("llama", "qwen2"), default="llama", help="GGUF general.architecture")
     c.set_defaults(func=_convert)
 
 

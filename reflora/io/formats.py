@@ -95,8 +95,10 @@ def load_any(path: Any, *, format: str | None = None, layout: str | None = None,
 
 
 def save_any(path: Any, adapters: Mapping[str, LoraAdapter], format: str, *, n_head: int | None = None,
-             n_head_kv: int | None = None, overwrite: bool = True) -> None:
+             n_head_kv: int | None = None, arch: str = "llama", overwrite: bool = True) -> None:
     """Write {module: LoraAdapter} in ``format`` (one of FORMATS; "peft" writes a folder).
+
+    ``n_head``, ``n_head_kv`` and ``arch`` are for GGUF (see ``save_gguf``).
 
     Raises:
       ValueError: what the format cannot hold (DoRA or lora_bias outside PEFT, several
@@ -116,4 +118,4 @@ def save_any(path: Any, adapters: Mapping[str, LoraAdapter], format: str, *, n_h
     elif format == "mlx":
         save_mlx(path, mods, overwrite=overwrite)
     else:
-        save_gguf(path, mods, n_head=n_head, n_head_kv=n_head_kv, overwrite=overwrite)
+        save_gguf(path, mods, arch=arch, n_head=n_head, n_head_kv=n_head_kv, overwrite=overwrite)

@@ -13,11 +13,12 @@ the reverse):
     blk.N.attn_q.weight.lora_a   (R, I)  = PEFT's A
     blk.N.attn_q.weight.lora_b   (O, R)  = PEFT's B, rows permuted for attn_q / attn_k
 
-Tensor names are the base model's GGUF names + ``.lora_a`` / ``.lora_b``. For Llama
-(``LLAMA_NAMES``): ``model.layers.N.self_attn.{q,k,v,o}_proj`` -> ``blk.N.attn_{q,k,v,output}``,
+Tensor names are the base model's GGUF names + ``.lora_a`` / ``.lora_b``. For Llama and
+Qwen2 (``LLAMA_NAMES``): ``model.layers.N.self_attn.{q,k,v,o}_proj`` -> ``blk.N.attn_{q,k,v,output}``,
 ``model.layers.N.mlp.{gate,up,down}_proj`` -> ``blk.N.ffn_{gate,up,down}``, ``lm_head`` ->
 ``output``. convert_hf_to_gguf permutes the rows of Llama's q and k weights for its RoPE
-layout (``LlamaModel.permute``: reshape (heads, 2, O/heads/2, I), swap axes 1 and 2), and
+layout (``LlamaModel.permute``: reshape (heads, 2, O/heads/2, I), swap axes 1 and 2; Qwen2's
+NeoX-style RoPE needs none), and
 the LoRA converter applies the same to lora_b, so that B' A = P (B A) matches the
 permuted base weight. Undoing it needs the head counts (``n_head``, ``n_head_kv``), which
 the adapter file does not carry: pass them, or read a file reflora wrote (its record has them).
@@ -45,7 +46,7 @@ from ..adapter import LoraAdapter
 from ..backend import to_numpy
 from . import _common as c
 
-__all__ = ["GGUF_DTYPES", "LLAMA_NAMES", "gguf_name", "hf_name", "is_gguf", "load_gguf", "permute_rows",
+__all__ = ["ARCHITECTURES", "GGUF_DTYPES", "LLAMA_NAMES", "gguf_name", "hf_name", "is_gguf", "load_gguf", "permute_rows",
            "save_gguf", "unpermute_rows"]
 
 #: HF (transformers) module path pattern -> GGUF base tensor name, for architecture "llama".
@@ -59,6 +60,9 @@ LLAMA_NAMES = (
     (r"model\.layers\.(\d+)\.mlp\.down_proj", "blk.{}.ffn_down"),
     (r"lm_head", "output"),
 )
+#: architectures reflora maps names for -> whether convert_hf_to_gguf permutes their q/k rows
+#: (Llama's LlamaModel.permute; Qwen2 uses NeoX-style RoPE and keeps HF's order). Both share LLAMA_NAMES.
+ARCHITECTURES = {"llama": True, "qwen2": False}
 GGUF_DTYPES = ("float32", "float16", "bfloat16")
 _RECORD_KEY = "reflora.record"
 _MAGIC = b"GGUF"
@@ -79,19 +83,19 @@ def gguf_name(module: str, arch: str = "llama") -> str:
       >>> gguf_name("model.layers.3.self_attn.k_proj")
       'blk.3.attn_k'
     """
-    if arch != "llama":
-        raise ValueError(f"arch is {arch!r}; reflora maps module names for 'llama' only")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch is {arch!r}; reflora maps module names for {sorted(ARCHITECTURES)}")
     for pattern, name in LLAMA_NAMES:
         m = re.fullmatch(pattern, module)
         if m:
             return name.format(*m.groups())
-    raise ValueError(f"module {module!r} has no GGUF name in reflora's llama map (model.layers.N.self_attn."
+    raise ValueError(f"module {module!r} has no GGUF name in reflora's {arch} map (model.layers.N.self_attn."
                      "{q,k,v,o}_proj, model.layers.N.mlp.{gate,up,down}_proj, lm_head)")
 
 
 def hf_name(name: str, arch: str = "llama") -> str | None:
     """Inverse of ``gguf_name`` ('blk.3.attn_k' -> 'model.layers.3.self_attn.k_proj'), None if unmapped."""
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         return None
     for pattern, fmt in LLAMA_NAMES:
         regex = "^" + re.escape(fmt).replace(r"\{\}", r"(\d+)") + "$"
@@ -146,7 +150,7 @@ def save_gguf(path: Any, adapters: Mapping[str, LoraAdapter], *, arch: str = "ll
     Args:
       path: the .gguf file.
       adapters: module paths as transformers names them (``model.layers.0.self_attn.q_proj``).
-      arch: general.architecture; "llama" (the name map and q/k permutation are Llama's).
+      arch: general.architecture: "llama" (q/k rows permuted) or "qwen2" (same names, no permutation).
       n_head, n_head_kv: the base model's num_attention_heads / num_key_value_heads;
         needed when q_proj / k_proj are adapted (their lora_b rows are permuted).
       overwrite: False refuses to replace an existing file.
@@ -168,7 +172,7 @@ def save_gguf(path: Any, adapters: Mapping[str, LoraAdapter], *, arch: str = "ll
         base = gguf_name(m, arch)
         A, B = to_numpy(ad.A), to_numpy(ad.B)
         heads = _heads(base, n_head, n_head_kv)
-        if base.endswith((".attn_q", ".attn_k")):
+        if ARCHITECTURES[arch] and base.endswith((".attn_q", ".attn_k")):
             if heads is None:
                 raise ValueError(f"module {m!r} ({base}) needs n_head (and n_head_kv for k_proj with grouped-query "
                                  "attention): llama.cpp's converter permutes the rows of its lora_b")
@@ -234,8 +238,8 @@ def load_gguf(path: Any, *, n_head: int | None = None, n_head_kv: int | None = N
               dtype: Any = None) -> dict[str, LoraAdapter]:
     """Read a llama.cpp GGUF LoRA adapter; {module: LoraAdapter} in file order.
 
-    For architecture "llama" modules get their HF paths back and attn_q / attn_k lora_b
-    rows are un-permuted (head counts from reflora's record, else ``n_head`` /
+    For "llama" and "qwen2" modules get their HF paths back; for "llama" attn_q / attn_k
+    lora_b rows are un-permuted (head counts from reflora's record, else ``n_head`` /
     ``n_head_kv``); other architectures keep GGUF names and the layout as stored.
     Scale s = alpha / R (alpha 0 or absent: s = 1, as llama.cpp), held as alpha and
     use_rslora False, unless reflora's record gives the exact config (checked against the
@@ -302,10 +306,10 @@ def load_gguf(path: Any, *, n_head: int | None = None, n_head_kv: int | None = N
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
         R = a.shape[0]
-        module = hf_name(base, arch) if arch == "llama" else None
-        module = module or base
-        heads = _heads(base, n_head, n_head_kv) if arch == "llama" else None
-        if arch == "llama" and base.endswith((".attn_q", ".attn_k")):
+        module = hf_name(base, arch) or base
+        permuted = ARCHITECTURES.get(arch, False) and base.endswith((".attn_q", ".attn_k"))
+        heads = _heads(base, n_head, n_head_kv) if permuted else None
+        if permuted:
             if heads is None:
                 raise ValueError(f"{where}: {label} is Llama's q or k projection, whose lora_b rows llama.cpp's "
                                  "converter permuted; pass n_head (and n_head_kv) to undo it")

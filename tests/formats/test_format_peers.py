@@ -410,3 +410,28 @@ def test_kohya_flux_file_read_as_diffusers_flux_converter_reads_it(tmp_path, alp
             bound = 2.0**-24 * ad.scale * (np.abs(np.asarray(ad.B, np.float64)) @ np.abs(np.asarray(ad.A, np.float64)))
             assert np.all(np.abs(got - want) <= bound), (k, float(np.max(np.abs(got - want) - bound)))
             assert not np.array_equal(got, want)  # the folding did round: the bound is what is tested
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_name_map_is_gguf_py_map(arch):
+    """reflora's HF -> GGUF names equal gguf-py's own TensorNameMap (the converter's map) for both architectures."""
+    tm = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), 4)
+    for hf in ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.v_proj",
+               "model.layers.3.self_attn.o_proj", "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj",
+               "model.layers.3.mlp.down_proj", "lm_head"]:
+        ours = reflora.io.gguf.gguf_name(hf, arch)
+        assert ours + ".weight" == tm.get_name(hf + ".weight", try_suffixes=(".weight",)), hf
+        assert reflora.io.gguf.hf_name(ours, arch) == hf
+
+
+def test_gguf_qwen2_is_not_permuted(tmp_path):
+    """Qwen2 (NeoX RoPE): convert_hf_to_gguf keeps q/k rows; reflora writes B as is and needs no head counts."""
+    rng = np.random.default_rng(4)
+    ad = reflora.LoraAdapter.from_arrays(rng.standard_normal((2, 16)).astype(np.float32),
+                                         rng.standard_normal((16, 2)).astype(np.float32), alpha=4.0)
+    reflora.save_gguf(tmp_path / "q.gguf", {"model.layers.0.self_attn.q_proj": ad}, arch="qwen2")
+    r = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    assert np.array_equal(t["blk.0.attn_q.weight.lora_b"], np.asarray(ad.B))
+    back = reflora.load_gguf(tmp_path / "q.gguf")
+    assert reflora.compare_adapters({"model.layers.0.self_attn.q_proj": ad}, back).ok

@@ -246,7 +246,7 @@ def test_gguf_llama_q_without_heads_asks_for_them(tmp_path):
 
 
 def test_gguf_other_architectures_keep_gguf_names(tmp_path):
-    p = _gguf_file(tmp_path / "a.gguf", arch="qwen2")
+    p = _gguf_file(tmp_path / "a.gguf", arch="gemma2")
     assert list(reflora.load_gguf(p)) == ["blk.0.ffn_up"]
 
 

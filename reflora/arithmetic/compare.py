@@ -226,6 +226,12 @@ def _compare_module(name: str, other: str, ad_a: LoraAdapter, ad_b: LoraAdapter,
             return ModuleDiff(name, other, "differs", st["diff"], rel, c, verdict)
         if best is None:
             verdict = "differs, not by a constant factor (different weights)"
+            for bits, what in ((22, "float32"), (9, "float16"), (6, "bfloat16")):
+                if rel <= 2.0**-bits:  # a few units of the format's 2^-(p) roundoff, relative to max|ΔW|
+                    verdict = (f"differs by rounding only: relative {rel:.2g}, the size of {what} rounding of the "
+                               f"factors (e.g. a scale folded into A and B, or a {what} copy); pass rtol >= {rel:.2g} "
+                               "if that step is expected")
+                    break
             perm = _rows_permuted(ad_a, ad_b, W_a, W_b) if plain and not transposed else None
             if perm is not None:
                 verdict = ("rows permuted: the same rows of ΔW in another order (e.g. llama.cpp's q/k head "

@@ -410,6 +410,9 @@ def test_kohya_flux_file_read_as_diffusers_flux_converter_reads_it(tmp_path, alp
             bound = 2.0**-24 * ad.scale * (np.abs(np.asarray(ad.B, np.float64)) @ np.abs(np.asarray(ad.A, np.float64)))
             assert np.all(np.abs(got - want) <= bound), (k, float(np.max(np.abs(got - want) - bound)))
             assert not np.array_equal(got, want)  # the folding did round: the bound is what is tested
+            folded = reflora.LoraAdapter.from_arrays(A_d, B_d, alpha=float(A_d.shape[0]))  # s = 1, folded factors
+            (m,) = reflora.compare_adapters({k: ad}, {k: folded}).modules
+            assert m.status == "differs" and "rounding only" in m.verdict and "float32" in m.verdict, m
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -90,6 +90,8 @@ def test_roundtrip_bit_exact(fmt, kind, dims, r, alpha, dtype, seed):
             return
         back = roundtrip(fmt, mods, tmp, 2)
     check_bit_exact(back, want, dtype)
+    d = reflora.compare_adapters(back, mods)  # and reflora diff agrees: every module identical
+    assert d.ok and {m.status for m in d.modules} == {"identical"}, d.format()
     for m, ad in back.items():  # the config survives too (alpha and the rsLoRA flag, not only the scale)
         assert (ad.config.alpha, ad.config.use_rslora) == (alpha, kind == "rslora"), m
 

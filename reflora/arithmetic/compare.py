@@ -15,7 +15,9 @@ read as alpha, or alpha read as a scale), s (one side applies no scale: alpha mi
 as kohya's dropped ``.alpha``), -1 (sign), 1 + O(2^-24) (a scale rounded to float32,
 as GGUF's alpha). a ≈ c bᵀ is "transposed layout" ((I, R)/(R, O) files read as (R, I)/
 (O, R)); rows of a equal to rows of b in another order is "rows permuted" (Llama's q/k
-permutation in GGUF not undone). A module on one side only is "missing module".
+permutation in GGUF not undone). A module on one side only is "missing module". A
+difference that is no factor but within 2^-22 / 2^-9 / 2^-6 relative is named as float32 /
+float16 / bfloat16 rounding (a scale folded into the factors, a lower-precision copy).
 """
 
 from __future__ import annotations

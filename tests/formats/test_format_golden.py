@@ -186,3 +186,62 @@ def test_kohya_converter_dropping_alpha_and_a_module_fails_naming_both(cases, tm
     st = {m.other or m.module: m for m in d.modules}
     assert st["model.layers.1.mlp.down_proj"].status == "missing"
     assert sum("applies no scale" in m.verdict for m in d.modules) == 2, d.format()
+
+
+# ---------------------------------------------------------------- a converter in another language
+
+
+JS = __import__("pathlib").Path(__file__).resolve().parents[2] / "docs" / "examples" / "convert_lora.mjs"
+
+
+def _node(script, case_dir, out, to):
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("needs Node.js (CI has it: docs/kit.md and docs/formats/diff.md run it too)")
+    return subprocess.run([node, str(script), str(case_dir / "peft"), str(out), "--to", to],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("to", ["mlx", "kohya"])
+def test_javascript_converter_passes_every_case(cases, tmp_path, to):
+    manifest = json.loads((cases / FORMAT_MANIFEST).read_text())
+    for case, entry in manifest["cases"].items():
+        out = tmp_path / f"{case}.{to}"
+        run = _node(JS, cases / case, out, to)
+        assert (run.returncode != 0) == ("refuse" in entry["formats"][to]), (case, run.stderr)
+        if run.returncode == 0:
+            d = check_converted(cases / case, out, to)
+            assert d.ok and {m.status for m in d.modules} == {"identical"}, (case, d.format())
+
+
+#: planted bugs: (what the line becomes, ...), the target format, what the verdict must say
+BUGS = {
+    "mlx scale = alpha": ([("scale: modules[0].scale,", "scale: modules[0].alpha,")], "mlx", "alpha vs scale"),
+    "mlx not transposed": ([("transpose(m.A)", "m.A"), ("transpose(m.B)", "m.B")], "mlx", "not transposed"),
+    "kohya alpha = lora_alpha": ([("const alpha = m.scale * m.R;", "const alpha = m.alpha;"),
+                                  ("if (alpha / m.R !== m.scale)", "if (false)")], "kohya", "rsLoRA mix-up"),
+}
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_javascript_converter_with_a_planted_bug_fails_naming_it(cases, tmp_path, bug):
+    edits, to, expect = BUGS[bug]
+    text = JS.read_text()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    mutant = tmp_path / "mutant.mjs"
+    mutant.write_text(text)
+    case = "rslora" if to == "kohya" else "plain"
+    out = tmp_path / f"out.{to}"
+    run = _node(mutant, cases / case, out, to)
+    assert run.returncode == 0, run.stderr
+    try:
+        d = check_converted(cases / case, out, to)
+    except reflora.FormatError as e:
+        assert expect in str(e), e
+        return
+    assert not d.ok and all(expect in m.verdict for m in d.modules), d.format()

@@ -148,12 +148,11 @@ def _name_factor(c: float, ad_a: LoraAdapter, ad_b: LoraAdapter) -> str:
         if R > 1 and near(1 / math.sqrt(R)):
             causes.append(f"rsLoRA mix-up: the first side scales alpha/R, the second alpha/sqrt(R) (factor "
                           f"1/sqrt(R), R = {R})")
-        if R > 1 and near(R):
-            causes.append(f"alpha vs scale: the second side divides by R = {R} once too often (a scale read as "
-                          "alpha, e.g. mlx-lm's 'scale' taken for lora_alpha)")
-        if R > 1 and near(1 / R):
-            causes.append(f"alpha vs scale: the first side divides by R = {R} once too often (a scale read as "
-                          "alpha, e.g. mlx-lm's 'scale' taken for lora_alpha)")
+        for k, (big, small) in ((R, ("first", "second")), (1 / R, ("second", "first"))):
+            if R > 1 and near(k):
+                causes.append(f"alpha vs scale: the {big} side's update is R = {R} times the {small}'s (alpha used "
+                              "as the scale, or the scale divided by R again as if it were alpha; e.g. lora_alpha "
+                              "written as mlx-lm's 'scale')")
     if ad_a.scale != 1 and near(ad_a.scale):
         causes.append(f"the second side applies no scale (s = 1 instead of {ad_a.scale:g}): alpha missing or "
                       "dropped (e.g. kohya's .alpha), or the scale applied twice on the first")

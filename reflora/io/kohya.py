@@ -132,7 +132,7 @@ def load_kohya(path: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, Lor
         convolution weights, ranks that disagree, a record that contradicts the tensors.
     """
     where = c.fspath(path)
-    tensors, metadata = load_tensors(where, xp="numpy", dtype=dtype)
+    tensors, metadata = load_tensors(where, xp="numpy")  # dtype applies to the factors only, never to alpha
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, arr in tensors.items():
         m = _KEY_RE.match(key)
@@ -155,6 +155,8 @@ def load_kohya(path: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, Lor
             if half not in parts:
                 raise FormatError(f"{where}: {label} has {sorted(parts)} but no {half}")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if dtype is not None:
+            down, up = down.astype(np.dtype(dtype)), up.astype(np.dtype(dtype))
         if down.ndim != 2 or up.ndim != 2:
             raise FormatError(f"{where}: {label}: lora_down {down.shape}, lora_up {up.shape}; expected 2-D (R, I) and "
                               "(O, R): convolution LoRA (4-D) is not supported")

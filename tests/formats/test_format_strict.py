@@ -312,3 +312,13 @@ def test_corrupted_gguf_gives_format_error_or_reads(tmp_path_factory, data):
         assert str(p) in str(e)
     except ValueError as e:  # a corrupted name can become Llama's attn_q / attn_k: reflora asks for head counts
         assert "pass n_head" in str(e), e
+
+
+def test_kohya_dtype_applies_to_factors_not_alpha(tmp_path):
+    """dtype= converts A and B; the scalar alpha keeps its stored value (a float16 alpha 0.1 would round)."""
+    p = tmp_path / "k.safetensors"
+    reflora.save_kohya(p, {"unet.a": _ad(alpha=0.1)})
+    (ad,) = reflora.load_kohya(p, dtype="float64").values()
+    assert ad.A.dtype == np.float64 and ad.config.alpha == 0.1
+    (ad16,) = reflora.load_kohya(p, dtype="float16").values()
+    assert ad16.A.dtype == np.float16 and ad16.config.alpha == 0.1

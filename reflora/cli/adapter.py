@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from ..adapter import LoraAdapter
+from ..io._common import refuse_extras
 from ..io._keys import read_record
+from ..io.formats import FORMATS, detect_format, load_any, save_any
 from ..io.layouts import detect_layout, group_keys, load_adapter, save_adapter
 from ..io.peft import PEFT_WEIGHTS_NAME, load_peft, save_peft
 from ..io.safetensors import read_header
-from ..io.formats import FORMATS, detect_format, load_any, save_any
-from ..io._common import refuse_extras
 from .formats import OTHER_FORMATS, read_format
 
 __all__ = ["lowrank_frobenius", "register"]
@@ -177,8 +177,9 @@ def convert(src: str, dst: str, *, to: str, layout: str | None = None, alpha: fl
             adapters = {module: adapters}
         save_peft(dst, adapters, overwrite=force)
         return f"wrote PEFT directory {dst} ({n} module{'s' * (n != 1)})"
+    only_ab = "the file holds lora_A/lora_B (or lora_a/lora_b) only; a PEFT folder holds it"
     refuse_extras({module: adapters} if isinstance(adapters, LoraAdapter) else adapters, f"a {to}-layout file",
-                  "the file holds lora_A/lora_B (or lora_a/lora_b) only; a PEFT folder holds it", "the same")
+                  only_ab, only_ab)
     save_adapter(dst, adapters, layout=to, module=module, overwrite=force)
     return f"wrote {dst} (layout {to}, {n} module{'s' * (n != 1)})"
 

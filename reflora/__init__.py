@@ -108,3 +108,14 @@ __all__ = [
 from .arithmetic.combine import COMBINE_METHODS, Combined, combine, dare_masks  # noqa: E402
 
 __all__ += ["COMBINE_METHODS", "Combined", "combine", "dare_masks"]
+
+# adapter formats and ΔW comparison (issue 16, branch formats)
+from .arithmetic.compare import AdapterDiff, ModuleDiff, compare_adapters
+from .arithmetic.delta import delta_bias, delta_weight
+from .io.formats import FORMATS, detect_format, load_any, save_any
+from .io.gguf import load_gguf, save_gguf
+from .io.kohya import load_kohya, save_kohya
+from .io.mlx import load_mlx, save_mlx
+
+__all__ += ["AdapterDiff", "FORMATS", "ModuleDiff", "compare_adapters", "delta_bias", "delta_weight", "detect_format",
+            "load_any", "load_gguf", "load_kohya", "load_mlx", "save_any", "save_gguf", "save_kohya", "save_mlx"]

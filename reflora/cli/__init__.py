@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "reflora.cli.adapter",
     "reflora.cli.merge",
     "reflora.cli.golden",
+    "reflora.cli.diff",
 )
 
 

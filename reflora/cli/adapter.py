@@ -1,7 +1,8 @@
 """``reflora inspect`` and ``reflora convert``: look into and translate adapter files.
 
-    reflora inspect FILE|DIR [--layout peft|seed] [--alpha A] [--use-rslora]
-    reflora convert SRC DST --to peft|seed [--layout ...] [--alpha A] [--module M] [--force]
+    reflora inspect FILE|DIR [--layout peft|seed] [--alpha A] [--use-rslora] [--n-head H --n-head-kv K]
+    reflora convert SRC DST --to peft|seed|kohya|mlx|gguf [--layout ...] [--alpha A] [--module M]
+                            [--n-head H --n-head-kv K] [--force]
 
 ``inspect`` lists the tensors (name, dtype, shape), the layout and how it was
 decided, and per module: R, I, O, alpha, scale, parameters, and the Frobenius
@@ -9,7 +10,8 @@ norms of A, B and s B A. The last one is computed from R x R matrices only:
 
     ||s B A||_F^2 = s^2 trace(A^T B^T B A) = s^2 sum((B^T B) * (A A^T))
 
-so the O x I product is never formed. A DIR is a PEFT adapter directory.
+so the O x I product is never formed. A DIR is a PEFT or mlx-lm adapter folder; kohya
+and GGUF files are recognised by their keys and magic (reflora/cli/formats.py).
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from typing import Any
 import numpy as np
 
 from ..adapter import LoraAdapter
+from ..io._common import refuse_extras
 from ..io._keys import read_record
+from ..io.formats import FORMATS, detect_format, load_any, save_any
 from ..io.layouts import detect_layout, group_keys, load_adapter, save_adapter
 from ..io.peft import PEFT_WEIGHTS_NAME, load_peft, save_peft
 from ..io.safetensors import read_header
+from .formats import OTHER_FORMATS, read_format
 
 __all__ = ["lowrank_frobenius", "register"]
 
@@ -69,19 +74,26 @@ def _table(rows: list[list[str]], out) -> None:
 
 
 def inspect_path(path: str, *, layout: str | None = None, alpha: float | None = None,
-                 use_rslora: bool | None = None, out=None) -> dict[str, Any]:
+                 use_rslora: bool | None = None, n_head: int | None = None, n_head_kv: int | None = None,
+                 out=None) -> dict[str, Any]:
     """Print what ``reflora inspect`` prints; return {module: {rank, alpha, scale, ...}} for tests."""
     import sys  # noqa: PLC0415
 
     out = out or sys.stdout
     is_dir = os.path.isdir(path)
-    weights = os.path.join(path, PEFT_WEIGHTS_NAME) if is_dir else path
-    header, metadata = read_header(weights)
+    fmt = detect_format(path)
+    if fmt in OTHER_FORMATS:
+        header, adapters, found, how = read_format(path, fmt, n_head=n_head, n_head_kv=n_head_kv)
+    else:
+        weights = os.path.join(path, PEFT_WEIGHTS_NAME) if is_dir else path
+        header, metadata = read_header(weights)
     print(f"{'directory' if is_dir else 'file'}: {path}", file=out)
     print(f"tensors ({len(header)}):", file=out)
     _table([["name", "dtype", "shape"]] + [[n, dt, str(tuple(s))] for n, (dt, s) in header.items()], out)
     alpha_known = True
-    if is_dir:
+    if fmt in OTHER_FORMATS:
+        pass
+    elif is_dir:
         adapters = load_peft(path, xp="numpy")
         how = "PEFT directory (adapter_config.json)"
         found = "peft"
@@ -101,7 +113,7 @@ def inspect_path(path: str, *, layout: str | None = None, alpha: float | None = 
             (name,) = group_keys({n: s for n, (_, s) in header.items()}, path)[0]
             loaded = {name: loaded}
         adapters = loaded
-    print(f"layout: {found} ({how})", file=out)
+    print(f"{'format' if fmt in OTHER_FORMATS else 'layout'}: {found} ({how})", file=out)
     print(f"modules: {len(adapters)}", file=out)
     rows = [["module", "R", "I", "O", "alpha", "scale", "params", "|A|_F", "|B|_F", "|s B A|_F"]]
     summary = {}
@@ -130,14 +142,22 @@ def inspect_path(path: str, *, layout: str | None = None, alpha: float | None = 
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    inspect_path(args.path, layout=args.layout, alpha=args.alpha, use_rslora=args.use_rslora or None)
+    inspect_path(args.path, layout=args.layout, alpha=args.alpha, use_rslora=args.use_rslora or None,
+                 n_head=args.n_head, n_head_kv=args.n_head_kv)
     return 0
 
 
 def convert(src: str, dst: str, *, to: str, layout: str | None = None, alpha: float | None = None,
-            use_rslora: bool | None = None, module: str = "linear", force: bool = False) -> str:
-    """Read SRC (file or PEFT directory) and write DST in layout ``to``; return a one-line summary."""
-    if os.path.isdir(src):
+            use_rslora: bool | None = None, module: str = "linear", force: bool = False,
+            n_head: int | None = None, n_head_kv: int | None = None, arch: str = "llama") -> str:
+    """Read SRC (any format) and write DST in format ``to``; return a one-line summary.
+
+    ΔW is kept bit for bit (A, B and the scale are copied); a format that cannot hold the
+    adapter (DoRA in kohya, several ranks in mlx-lm, ...) is refused with the reason.
+    """
+    if detect_format(src) in OTHER_FORMATS:
+        adapters: Any = load_any(src, n_head=n_head, n_head_kv=n_head_kv, xp="numpy")
+    elif os.path.isdir(src):
         adapters: Any = load_peft(src, xp="numpy")
     else:
         adapters = load_adapter(src, layout=layout, alpha=alpha, use_rslora=use_rslora, xp="numpy")
@@ -148,11 +168,18 @@ def convert(src: str, dst: str, *, to: str, layout: str | None = None, alpha: fl
             if name:
                 module = name
     n = 1 if isinstance(adapters, LoraAdapter) else len(adapters)
+    if to in OTHER_FORMATS:
+        save_any(dst, {module: adapters} if isinstance(adapters, LoraAdapter) else adapters, to, n_head=n_head,
+                 n_head_kv=n_head_kv, arch=arch, overwrite=force)
+        return f"wrote {dst} (format {to}, {n} module{'s' * (n != 1)})"
     if to == "peft" and (os.path.isdir(dst) or not dst.endswith(".safetensors")):
         if isinstance(adapters, LoraAdapter):
             adapters = {module: adapters}
         save_peft(dst, adapters, overwrite=force)
         return f"wrote PEFT directory {dst} ({n} module{'s' * (n != 1)})"
+    only_ab = "the file holds lora_A/lora_B (or lora_a/lora_b) only; a PEFT folder holds it"
+    refuse_extras({module: adapters} if isinstance(adapters, LoraAdapter) else adapters, f"a {to}-layout file",
+                  only_ab, only_ab)
     save_adapter(dst, adapters, layout=to, module=module, overwrite=force)
     return f"wrote {dst} (layout {to}, {n} module{'s' * (n != 1)})"
 
@@ -160,7 +187,8 @@ def convert(src: str, dst: str, *, to: str, layout: str | None = None, alpha: fl
 def _convert(args: argparse.Namespace) -> int:
     try:
         print(convert(args.src, args.dst, to=args.to, layout=args.layout, alpha=args.alpha,
-                      use_rslora=args.use_rslora or None, module=args.module, force=args.force))
+                      use_rslora=args.use_rslora or None, module=args.module, force=args.force,
+                      n_head=args.n_head, n_head_kv=args.n_head_kv, arch=args.arch))
     except FileExistsError as exc:
         where = exc.filename if exc.filename is not None else str(exc).split(";")[0]
         raise FileExistsError(f"{where} exists; pass --force to replace it") from None
@@ -173,15 +201,24 @@ def register(sub) -> None:
     p.add_argument("--layout", choices=("peft", "seed"), default=None, help="force the layout (default: detect)")
     p.add_argument("--alpha", type=float, default=None, help="alpha for files without a reflora config")
     p.add_argument("--use-rslora", action="store_true", help="scale alpha/sqrt(R) for files without a config")
+    _head_args(p)
     p.set_defaults(func=_inspect)
 
-    c = sub.add_parser("convert", help="convert an adapter between the peft and seed layouts")
+    c = sub.add_parser("convert", help="convert an adapter between formats (peft, seed, kohya, mlx, gguf), "
+                                       "keeping ΔW bit for bit")
     c.add_argument("src", metavar="SRC", help="adapter file or PEFT directory")
     c.add_argument("dst", metavar="DST", help="file (.safetensors) or, with --to peft, a PEFT directory")
-    c.add_argument("--to", choices=("peft", "seed"), required=True)
+    c.add_argument("--to", choices=FORMATS, required=True)
     c.add_argument("--layout", choices=("peft", "seed"), default=None, help="SRC's layout (default: detect)")
     c.add_argument("--alpha", type=float, default=None, help="alpha for sources without a reflora config")
     c.add_argument("--use-rslora", action="store_true", help="rsLoRA scaling for sources without a config")
     c.add_argument("--module", default="linear", help="module path of a single adapter written as peft")
     c.add_argument("--force", action="store_true", help="replace existing DST files")
+    _head_args(c)
+    c.add_argument("--arch", choices=("llama", "qwen2"), default="llama", help="GGUF general.architecture")
     c.set_defaults(func=_convert)
+
+
+def _head_args(p) -> None:
+    p.add_argument("--n-head", type=int, default=None, help="attention heads (Llama GGUF: q/k rows are permuted)")
+    p.add_argument("--n-head-kv", type=int, default=None, help="key/value heads (grouped-query attention)")

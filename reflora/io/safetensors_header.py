@@ -119,6 +119,8 @@ def validate_header(header_bytes: bytes, data_len: int, where: str) -> tuple[lis
     metadata: dict[str, str] = {}
     if "__metadata__" in header:
         meta = header.pop("__metadata__")
+        if meta is None:  # the reference reader takes null as "no metadata"; mlx's save_safetensors writes it
+            meta = {}
         if not isinstance(meta, dict):
             raise FormatError(f"{where}: __metadata__ is a JSON {type(meta).__name__}; expected an object of strings")
         for k, v in meta.items():

@@ -59,3 +59,8 @@ __all__ = [
 from .combine_checks import CombineProblem, check_combine, check_combine_problem  # noqa: E402
 
 __all__ += ["CombineProblem", "check_combine", "check_combine_problem"]
+
+# golden cases for adapter-format converters in other languages (issue 16, branch formats)
+from .format_golden import FORMAT_CASES, check_converted, write_format_cases  # noqa: E402
+
+__all__ += ["FORMAT_CASES", "check_converted", "write_format_cases"]

@@ -151,7 +151,8 @@ class ShardWriter:
             self.local.work = merge_f32.work_arrays(np, need)
             self.local.elements = need
         try:
-            merge_f32.merge_rows(plan, w, p0, out, self.local.work)
+            with np.errstate(all="ignore"):  # Inf/NaN/overflow are candidates (merge_f32), not warnings
+                merge_f32.merge_rows(plan, w, p0, out, self.local.work)
         except merge_f32.NeedsFloat64:
             state["float64"] = True  # the whole tensor is redone by the float64 path after this shard
             return

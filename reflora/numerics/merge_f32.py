@@ -229,12 +229,14 @@ def merge_rows(plan: Plan, w: np.ndarray, p0: int, out: np.ndarray, work: dict) 
     n, Q = w.shape
     step = max(1, SUB_ELEMENTS // max(Q, 1))
     w16, o16 = w.view(np.uint16), out.view(np.uint16)
-    fractions = 0
+    found = []
     for a in range(0, n, step):
         b = min(n, a + step)
         idx = plan.block(np, p0 + a, w16[a:b], o16[a:b], work)
-        fractions += plan.fix(p0 + a, w[a:b], o16[a:b], idx)
-    return fractions
+        if idx.size:
+            found.append(idx + a * Q)
+    # one float64 pass for all the candidates of these rows (its fixed cost is a few dozen small NumPy calls)
+    return plan.fix(p0, w, o16, np.concatenate(found)) if found else 0
 
 
 def add_lowrank(w: np.ndarray, a64: np.ndarray, b64: np.ndarray, s: float) -> np.ndarray | None:
@@ -247,7 +249,7 @@ def add_lowrank(w: np.ndarray, a64: np.ndarray, b64: np.ndarray, s: float) -> np
     wc = np.ascontiguousarray(w)
     out = np.empty(wc.shape, wc.dtype)
     try:
-        with blas_threads(1):
+        with blas_threads(1), np.errstate(all="ignore"):  # Inf/NaN/overflow go to the candidates, not to warnings
             merge_rows(plan, wc, 0, out, work_arrays(np, min(wc.size, max(SUB_ELEMENTS, wc.shape[1]))))
     except NeedsFloat64:
         return None

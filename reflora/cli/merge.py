@@ -13,7 +13,7 @@ from ..io.model_merge import merge_model
 
 def _cmd(args: argparse.Namespace) -> int:
     s = merge_model(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
-                    workers=args.workers)
+                    workers=args.workers, device=args.device)
     print(f"merged {s['modules']} adapter modules ({s['tensors merged']} tensors; {s['tensors copied']} copied) "
           f"into {args.out}: {len(s['outputs'])} file(s), {s['bytes'] / 2**20:.1f} MiB in {s['seconds']:.1f} s")
     if s["note"]:
@@ -33,5 +33,8 @@ def register(sub) -> None:
     p.add_argument("out", help="output model folder (weights, index, and the base folder's config/tokenizer files)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (switched atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                   help="where the merge arithmetic runs (default: gpu if $REFLORA_BACKEND=cupy, else cpu); "
+                        "same output bits either way")
     p.add_argument("--workers", type=int, default=None, help="threads (default: usable cores, at most 8)")
     p.set_defaults(func=_cmd)

@@ -40,6 +40,8 @@ __all__: list[str] = []
 
 #: bytes of W (the input) per chunk task
 CHUNK_BYTES = 1 << 20
+#: the same on a GPU (fewer, larger launches and copies)
+GPU_CHUNK_BYTES = 64 << 20
 #: bytes per pread/pwrite call of a copy without copy_file_range; per write call (1 MiB writes measured fastest)
 IO_PIECE = 1 << 20
 _COPY_PIECE = 64 << 20
@@ -53,6 +55,23 @@ def default_workers() -> int:
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
     return max(1, min(8, n))
+
+
+def gpu_module(device: str | None) -> Any:
+    """The cupy module for device "gpu" (or $REFLORA_BACKEND=cupy when device is None), else None."""
+    if device is None:
+        device = "gpu" if os.environ.get("REFLORA_BACKEND", "").strip().lower() == "cupy" else "cpu"
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device is {device!r}; expected 'cpu' or 'gpu'")
+    if device == "cpu":
+        return None
+    from ..backend import get_namespace  # noqa: PLC0415
+
+    get_namespace("cupy")  # a RuntimeError saying why, where CuPy cannot run
+    import cupy  # noqa: PLC0415 - optional dependency
+
+    merge_f32.check_gpu_float32(cupy)
+    return cupy
 
 
 def pread_into(fd: int, buf: memoryview, offset: int, where: str) -> None:
@@ -101,8 +120,11 @@ class _Local(threading.local):
 class ShardWriter:
     """Runs the tasks of one merge (all shards) on a thread pool, with bounded queueing."""
 
-    def __init__(self, merged_tensor: Callable, progress: Callable[[int, str], None] | None, workers: int):
+    def __init__(self, merged_tensor: Callable, progress: Callable[[int, str], None] | None, workers: int,
+                 gpu: Any = None):
         self.merged_tensor = merged_tensor
+        self.gpu = gpu  # the cupy module: chunks are merged on the GPU, candidates fixed on the host
+        self.chunk_bytes = GPU_CHUNK_BYTES if gpu is not None else CHUNK_BYTES
         self.progress = progress
         self.workers = workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reflora-merge")
@@ -146,18 +168,37 @@ class ShardWriter:
         w = np.empty((n, Q), dtype)
         pread_into(src, memoryview(w.reshape(-1).view(np.uint8)), offset + p0 * Q * dtype.itemsize, where)
         out = np.empty_like(w)
-        need = min(n * Q, max(merge_f32.SUB_ELEMENTS, Q))
-        if self.local.work is None or self.local.elements < need:
-            self.local.work = merge_f32.work_arrays(np, need)
-            self.local.elements = need
         try:
             with np.errstate(all="ignore"):  # Inf/NaN/overflow are candidates (merge_f32), not warnings
-                merge_f32.merge_rows(plan, w, p0, out, self.local.work)
+                if self.gpu is not None:
+                    self._chunk_gpu(plan, w, p0, out)
+                else:
+                    need = min(n * Q, max(merge_f32.SUB_ELEMENTS, Q))
+                    if self.local.work is None or self.local.elements < need:
+                        self.local.work = merge_f32.work_arrays(np, need)
+                        self.local.elements = need
+                    merge_f32.merge_rows(plan, w, p0, out, self.local.work)
         except merge_f32.NeedsFloat64:
             state["float64"] = True  # the whole tensor is redone by the float64 path after this shard
             return
         pwrite_all(dst, memoryview(out.reshape(-1).view(np.uint8)), offset + p0 * Q * dtype.itemsize)
         self._advance(nbytes, "merged " + name)
+
+    def _chunk_gpu(self, plan: merge_f32.Plan, w: np.ndarray, p0: int, out: np.ndarray) -> None:
+        """The same arithmetic on the GPU (uint16 bits up, uint16 bits and candidate indices down)."""
+        cp = self.gpu
+        n, Q = w.shape
+        lr = plan.__dict__.get("gpu_lr")
+        if lr is None:
+            lr = plan.__dict__.setdefault("gpu_lr", plan.device_copy(cp))
+        if self.local.work is None or self.local.elements < n * Q:
+            self.local.work = merge_f32.work_arrays(cp, n * Q)
+            self.local.elements = n * Q
+        w16 = cp.asarray(w.view(np.uint16))
+        o16 = cp.empty_like(w16)
+        idx = plan.block(cp, p0, w16, o16, self.local.work, lr=lr)
+        cp.asnumpy(o16, out=out.view(np.uint16))
+        plan.fix(p0, w, out.view(np.uint16), cp.asnumpy(idx))
 
     def _tensor(self, src: int, dst: int, offset: int, dt: str, shape: tuple, job: Any, what: str,
                 where: str, name: str, count: bool = True) -> None:
@@ -194,7 +235,7 @@ class ShardWriter:
                 state = {"float64": False}
                 redo.append((state, offset, dt, shape, job, what, where, name))
                 npdt = SAFETENSORS_DTYPES[dt]
-                rows = max(1, CHUNK_BYTES // max(1, plan.Q * npdt.itemsize))
+                rows = max(1, self.chunk_bytes // max(1, plan.Q * npdt.itemsize))
                 for p0 in range(0, plan.P, rows):
                     self._submit(futures, self._chunk, plan, src, dst, offset, p0, min(plan.P, p0 + rows), npdt,
                                  where, name, state)

@@ -58,7 +58,7 @@ from ..numerics.merge import merge
 from ..numerics.rounding import BF16
 from ..ops.dora import dora_merge
 from ..numerics.merge_f32 import blas_threads
-from .merge_writer import ShardWriter, default_workers
+from .merge_writer import ShardWriter, default_workers, gpu_module
 from .model_folder import FolderOutput
 from .peft import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, pattern_key, read_peft_config
 from .safetensors import load_tensors
@@ -293,7 +293,7 @@ def _fsync_close(fd: int) -> None:
 
 
 def merge_model(base: Any, adapter: Any, out: Any, *, overwrite: bool = False, progress: bool = True,
-                workers: int | None = None) -> dict:
+                workers: int | None = None, device: str | None = None) -> dict:
     """Merge a PEFT LoRA adapter into base model weights on disk (see the module docstring).
 
     Args:
@@ -306,6 +306,9 @@ def merge_model(base: Any, adapter: Any, out: Any, *, overwrite: bool = False, p
         ``reflora.io.model_folder``).
       progress: a progress bar on stderr (bytes, rate, ETA).
       workers: threads for copying and merging (default: the usable cores, at most 8).
+      device: "cpu", or "gpu" to run the bfloat16/float16 merge arithmetic on
+        CuPy (the same bits; candidates are still settled on the host); None
+        reads $REFLORA_BACKEND ("cupy" means "gpu"; anything else "cpu").
 
     Returns:
       A summary dict: modules merged, tensors merged and copied, bytes, seconds,
@@ -326,6 +329,7 @@ def merge_model(base: Any, adapter: Any, out: Any, *, overwrite: bool = False, p
     base, adapter, out = os.fspath(base), os.fspath(adapter), os.fspath(out)
     headers, index = _resolve_base(base)
     index_path = _index_path(base) if index is not None else None
+    gpu = gpu_module(device)
     weights, modules, cfg = _read_adapter(adapter)
     plan = _plan(headers, _jobs(weights, modules, cfg))
     folder, extra, skipped = _base_files(base, headers, index_path)
@@ -339,7 +343,8 @@ def merge_model(base: Any, adapter: Any, out: Any, *, overwrite: bool = False, p
         from ..cli.progress import ByteProgress  # noqa: PLC0415 - a leaf module, stdlib only
 
         bar = ByteProgress(total)
-    writer = ShardWriter(_merged_tensor, bar.advance if bar is not None else None, workers or default_workers())
+    writer = ShardWriter(_merged_tensor, bar.advance if bar is not None else None, workers or default_workers(),
+                         gpu=gpu)
     syncs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reflora-fsync")
     target.begin()
     try:

@@ -235,7 +235,9 @@ class ShardWriter:
                 state = {"float64": False}
                 redo.append((state, offset, dt, shape, job, what, where, name))
                 npdt = SAFETENSORS_DTYPES[dt]
-                rows = max(1, self.chunk_bytes // max(1, plan.Q * npdt.itemsize))
+                # whole row blocks of the float64 path per chunk, so a replay (merge_f32.Plan.fix) stays inside
+                rows = max(1, self.chunk_bytes // max(1, plan.Q * npdt.itemsize)) // plan.old_rows * plan.old_rows
+                rows = max(rows, plan.old_rows)
                 for p0 in range(0, plan.P, rows):
                     self._submit(futures, self._chunk, plan, src, dst, offset, p0, min(plan.P, p0 + rows), npdt,
                                  where, name, state)
@@ -269,7 +271,7 @@ def _fast_plan(job: Any, what: str, dt: str, shape: tuple) -> merge_f32.Plan | N
     A, B = np.asarray(job.A, np.float64), np.asarray(job.B, np.float64)
     # W_PQ + s L R: L = B, R = A (W is (O, I)); fan_in_fan_out stores W^T (I, O): L = A^T, R = B^T
     left, right = (A.T, B.T) if job.fan_in_fan_out else (B, A)
-    plan = merge_f32.Plan(SAFETENSORS_DTYPES[dt], left, right, job.scale)
+    plan = merge_f32.Plan(SAFETENSORS_DTYPES[dt], left, right, job.scale, o_axis=1 if job.fan_in_fan_out else 0)
     if not plan.ok or (plan.P, plan.Q) != tuple(shape):
         return None
     return plan

@@ -67,6 +67,9 @@ SUB_ELEMENTS = 1 << 16
 #: target -> (h = 24 - p low bits dropped, lowest normal, largest finite)
 _TARGETS = {BF16: (16, 2.0 ** -126, 3.3895313892515355e38), F16: (13, 2.0 ** -14, 65504.0)}
 _MAX_RANK = 4096
+#: candidates x rank per float64 fix-up batch (bounds its memory: about 8 bytes a term plus 120 a candidate)
+FIX_BATCH_TERMS = 1 << 16
+_TINY = {BF16: 2.0 ** -133, F16: 2.0 ** -24}  # smallest subnormals
 
 
 class NeedsFloat64(Exception):
@@ -93,8 +96,9 @@ def _f32_up(x: float) -> float:
 class Plan:
     """The constants for one tensor: W_PQ (bf16/f16) + s L_PR R_RQ; ``ok`` is False where the path does not apply."""
 
-    def __init__(self, dtype: Any, left: np.ndarray, right: np.ndarray, s: float):
+    def __init__(self, dtype: Any, left: np.ndarray, right: np.ndarray, s: float, *, o_axis: int = 0):
         self.dtype = np.dtype(dtype)
+        self.o_axis = o_axis  # 0: rows of W are O (L = B); 1: columns are (fan_in_fan_out, L = A^T)
         h, lowest, largest = _TARGETS[self.dtype]
         self.l64 = np.asarray(left, dtype=np.float64)
         self.r64 = np.asarray(right, dtype=np.float64)
@@ -108,6 +112,16 @@ class Plan:
                           and np.all(np.isfinite(self.l32)) and np.all(np.isfinite(self.r32)))
             rmax = np.max(np.abs(self.r64), axis=1) if Q and R else np.zeros(R)
             rho = abs(self.s) * (np.abs(self.l64) @ rmax) if R else np.zeros(P)
+            if o_axis == 0:  # the float64 path's row bound, per O index (for its zero results, see fix)
+                self.rho_old = rho
+            else:
+                lmax = np.max(np.abs(self.l64), axis=0) if P and R else np.zeros(R)
+                self.rho_old = abs(self.s) * (np.abs(self.r64).T @ lmax) if R else np.zeros(Q)
+            self.old_rows = max(1, (64 << 10) // (8 * max(Q, 1)))
+            # products of float32-representable numbers are exact in float64; s a power of two scales exactly
+            self.exact_terms = bool(np.array_equal(self.l64, self.l64.astype(np.float32))
+                                    and np.array_equal(self.r64, self.r64.astype(np.float32))
+                                    and self.s != 0 and math.frexp(abs(self.s))[0] == 0.5)  # the float64 path's row block (o_axis 0)
             big = 1.0 + (float(np.max(np.abs(self.l32))) if self.l32.size else 0.0) \
                 + (float(np.max(np.abs(self.r32))) if self.r32.size else 0.0)
             k = 2.0 * ((R + 4) * 1.01 * _U32 * (float(np.max(rho)) if P else 0.0) + _ETA * (2 + (R + 2) * big))
@@ -192,19 +206,72 @@ class Plan:
         with np.errstate(over="ignore", invalid="ignore"):
             r = wv + self.s * prods.sum(axis=1)
             e = (2.0 * (self.R + 3) * _U64) * (abs(self.s) * np.abs(prods).sum(axis=1) + np.abs(wv)) + 2.0 ** -1000
-        zero_plus = (wv == 0) & ~np.signbit(wv) & np.all(prods == 0, axis=1)  # +0 + (+-0) is +0 in any order
-        weird = ~np.isfinite(r) | ~np.isfinite(e) | ((np.abs(r) < 2.0 ** -100) & ~zero_plus)
-        if weird.any():
-            raise NeedsFloat64
         t = round_to_dtype(r, self.dtype)
         with np.errstate(invalid="ignore", over="ignore"):
             sure = certainly_rounded(r, t, e, self.dtype)
+        if not (np.all(np.isfinite(r)) and np.all(np.isfinite(e))):
+            raise NeedsFloat64  # Inf/NaN inputs or overflow: NaN payloads follow the float64 path's arithmetic
+        # A zero result: the float64 path gives RN(exact) with RN(0) = +0 (its Fraction fallback) unless it
+        # could certify its own +-0 (e_old < tiny/2), whose sign then follows its BLAS sum: replay its block.
+        zero = t == 0
+        if zero.any():  # (zero is used below too)
+            sure &= ~zero
+            zero_plus = (wv == 0) & ~np.signbit(wv) & np.all(prods == 0, axis=1)  # +0 + (+-0) = +0, any order
+            o = p if self.o_axis == 0 else q
+            e_old = (2.0 * (self.R + 3) * _U64) * (self.rho_old[o] + np.abs(wv)) + 2.0 ** -1000
+            replay = zero & ~zero_plus & (e_old < _TINY[self.dtype] / 2 * 1.01)
+            if replay.any():
+                self._replay(p0, w, t, p[replay], q[replay], np.flatnonzero(replay))
+                sure |= replay
+        if self.exact_terms and not sure.all():
+            # ties: with few significant bits (bf16-valued adapters) the exact value often IS a midpoint,
+            # which no error bound can settle; where the float64 sum provably made no error it is exact
+            j = np.flatnonzero(~sure & ~zero)
+            rx, ok = _error_free_sum(wv[j], prods[j], self.s)
+            t[j[ok]] = round_to_dtype(rx[ok], self.dtype)  # RN of the exact value (ties to even)
+            sure[j[ok]] = True
         unsure = np.flatnonzero(~sure)
         for j in unsure:
             exact = _exact(float(wv[j]), self.r64[:, q[j]], self.l64[p[j]], self.s)
             t[j] = round_fraction(exact, self.dtype)
         out16.reshape(-1)[idx] = t.view(np.uint16)
         return int(unsure.size)
+
+    def _replay(self, p0: int, w: np.ndarray, t: np.ndarray, p: np.ndarray, q: np.ndarray, j: np.ndarray) -> None:
+        """t[j] from the float64 path itself, run on the same row blocks it would use (same BLAS calls)."""
+        from .merge import add_lowrank_float64  # noqa: PLC0415 - merge imports this module
+
+        if self.o_axis != 0:
+            raise NeedsFloat64  # its blocks run over W's columns here: redo the whole tensor
+        n = w.shape[0]
+        done = {}
+        for k, (pk, qk) in enumerate(zip(p, q)):
+            b0 = int(pk) // self.old_rows * self.old_rows
+            if b0 not in done:
+                if b0 < p0 or min(self.P, b0 + self.old_rows) > p0 + n:
+                    raise NeedsFloat64  # the block is not all in these rows
+                rows = slice(b0 - p0, min(self.P, b0 + self.old_rows) - p0)
+                done[b0] = add_lowrank_float64(w[rows], self.r64, self.l64[b0:b0 + self.old_rows], self.s)
+            t[j[k]] = done[b0][int(pk) - b0, int(qk)]
+
+
+def _error_free_sum(w: np.ndarray, prods: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(w + s sum_k prods_k, True where that float64 value is exact): TwoSum at each step, all errors zero.
+
+    Needs exact products and s a power of two (``Plan.exact_terms``); Knuth's TwoSum gives the rounding
+    error of each addition exactly, so zero errors (and finite values) prove the sum exact.
+    """
+    acc = np.zeros(w.shape)
+    clean = np.ones(w.shape, bool)
+    with np.errstate(all="ignore"):
+        for term in list(prods.T * s) + [w]:
+            total = acc + term
+            back = total - acc
+            err = (acc - (total - back)) + (term - back)
+            clean &= err == 0
+            acc = total
+        clean &= np.isfinite(acc)
+    return acc, clean
 
 
 def _exact(w: float, col: np.ndarray, row: np.ndarray, s: float):
@@ -229,14 +296,23 @@ def merge_rows(plan: Plan, w: np.ndarray, p0: int, out: np.ndarray, work: dict) 
     n, Q = w.shape
     step = max(1, SUB_ELEMENTS // max(Q, 1))
     w16, o16 = w.view(np.uint16), out.view(np.uint16)
-    found = []
+    batch = max(256, FIX_BATCH_TERMS // max(plan.R, 1))
+    found: list = []
+    count = fractions = 0
     for a in range(0, n, step):
         b = min(n, a + step)
         idx = plan.block(np, p0 + a, w16[a:b], o16[a:b], work)
         if idx.size:
             found.append(idx + a * Q)
-    # one float64 pass for all the candidates of these rows (its fixed cost is a few dozen small NumPy calls)
-    return plan.fix(p0, w, o16, np.concatenate(found)) if found else 0
+            count += idx.size
+        if count >= batch or (b == n and count):
+            # the float64 pass over candidates in batches: its fixed cost is a few dozen small NumPy
+            # calls, its memory about (8 R + 120) bytes a candidate
+            todo = np.concatenate(found)
+            for c in range(0, todo.size, batch):
+                fractions += plan.fix(p0, w, o16, todo[c:c + batch])
+            found, count = [], 0
+    return fractions
 
 
 def add_lowrank(w: np.ndarray, a64: np.ndarray, b64: np.ndarray, s: float) -> np.ndarray | None:

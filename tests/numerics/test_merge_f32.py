@@ -173,3 +173,24 @@ def test_blas_threads_restores_the_setting():
     with merge_f32.blas_threads(1):
         assert int(get()) == 1
     assert int(get()) == before
+
+
+@pytest.mark.parametrize("dt", sorted(DTYPES))
+def test_exact_cancellation_to_zero(dt):
+    """W + s B A exactly 0 (and a hair off it) in normal-sized rows: +0 as the float64 path gives, no fallback."""
+    dt = DTYPES[dt]
+    rng = np.random.default_rng(5)
+    O, I, R = 6, 300, 3
+    w = (rng.standard_normal((O, I)) * 0.02).astype(dt)
+    A = np.ones((R, I))
+    B = np.zeros((O, R))
+    B[:, 0] = -w[:, 0].astype(np.float64)  # column 0 cancels exactly in every row
+    B[:, 1] = rng.standard_normal(O) * 2.0 ** -60  # and a hair in some rows: tiny non-zero results
+    B[:3, 1] = 0.0
+    A[1, 1:] = 0.0
+    A[0, 1:] = 0.0
+    got = add_lowrank_f32(w, A, B, 1.0)
+    assert got is not None
+    ref = add_lowrank_float64(w, A, B, 1.0)
+    assert_same(got, ref, "cancellation")
+    assert np.all(got[:3, 0].astype(np.float32) == 0)

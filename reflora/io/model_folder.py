@@ -18,8 +18,8 @@ run concurrently with reads.
 
 Leftovers of a crash (a version folder not linked from OUT, a stray
 ``rf-l`` link, an ``rf-o`` folder) are removed by the next run on the same
-OUT, under an exclusive lock on the parent folder (``flock``), so a run never
-deletes the folder another live run is writing. If OUT was a plain folder (a
+OUT, under an exclusive lock (``flock`` on the empty file ``.OUT.rf-_lock``,
+which stays), so a run never deletes the folder another live run is writing. If OUT was a plain folder (a
 merge output of reflora before links, or a folder of the same files) it is
 renamed to ``.OUT.rf-o<token>`` and the link renamed in its place: a crash
 between those two renames leaves no OUT, and the next run puts the plain
@@ -96,12 +96,12 @@ class FolderOutput:
             import fcntl  # noqa: PLC0415 - POSIX only
         except ImportError:
             return
-        fd = os.open(self.parent, os.O_RDONLY)
+        fd = os.open(os.path.join(self.parent, f"{self.prefix}_lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise FileExistsError(f"{self.parent}: another reflora merge is writing into this folder; "
+            raise FileExistsError(f"{self.out}: another reflora merge is writing this output; "
                                   "expected one at a time") from None
         self.lock_fd = fd
 

@@ -72,7 +72,8 @@ def snapshot(out):
 def leftovers(out):
     """Hidden siblings of OUT other than the version folder OUT links to."""
     live = os.readlink(out) if os.path.islink(out) else None
-    return sorted(n for n in os.listdir(out.parent) if n.startswith(f".{out.name}.rf-") and n != live)
+    return sorted(n for n in os.listdir(out.parent)
+                  if n.startswith(f".{out.name}.rf-") and n not in (live, f".{out.name}.rf-_lock"))
 
 
 class Faults:
@@ -180,6 +181,22 @@ def test_trailing_slash_output_reruns_with_overwrite(setup, capsys):
     assert snapshot(tmp / "newout") == new and leftovers(tmp / "newout") == []
     printed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert printed == sorted(printed) and len(printed) == 4  # 2 shards, index, config.json
+
+
+def test_one_writer_at_a_time(setup):
+    import fcntl
+
+    tmp, _ = setup
+    out = tmp / "busy"
+    fd = os.open(tmp / ".busy.rf-_lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a live merge into the same OUT holds it
+    try:
+        with pytest.raises(FileExistsError, match="another reflora merge is writing"):
+            mm.merge_model(tmp / "base", tmp / "a2", out, progress=False)
+        mm.merge_model(tmp / "base", tmp / "a2", tmp / "other", progress=False)  # another OUT, same folder: fine
+    finally:
+        os.close(fd)
+    assert not os.path.lexists(out)
 
 
 def test_refusals_stand(setup):

@@ -48,7 +48,11 @@ def sync():
         torch.cuda.synchronize()
 t = {}
 t0 = time.perf_counter()
-model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device)
+try:
+    import accelerate  # noqa: F401 - device_map needs it
+    model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device)
+except ImportError:
+    model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device)
 model = PeftModel.from_pretrained(model, adapter)
 sync(); t["load"] = time.perf_counter() - t0
 t1 = time.perf_counter()
@@ -168,7 +172,7 @@ def main() -> None:
             lines.append(f"| {label} | {r['wall s']:.1f} | {r['cpu s']:.1f} | {r['peak RSS MiB']:.0f} |")
         ref = rows["peft load+merge+save"]
         lead = rows[sides[0][1]]
-        lines += ["", f"PEFT phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
+        lines += ["", "PEFT phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
                   f"ratio {sides[0][1]} / PEFT end to end: wall {lead['wall s'] / ref['wall s']:.2f}, "
                   f"peak RSS {lead['peak RSS MiB'] / ref['peak RSS MiB']:.2f}",
                   f"reflora GPU output byte-identical to CPU output: {same}",

@@ -19,7 +19,8 @@ run concurrently with reads.
 Leftovers of a crash (a version folder not linked from OUT, a stray
 ``rf-l`` link, an ``rf-o`` folder) are removed by the next run on the same
 OUT, under an exclusive lock (``flock`` on the empty file ``.OUT.rf-_lock``,
-which stays), so a run never deletes the folder another live run is writing. If OUT was a plain folder (a
+removed at the end of the run), so a run never deletes the folder another
+live run is writing. If OUT was a plain folder (a
 merge output of reflora before links, or a folder of the same files) it is
 renamed to ``.OUT.rf-o<token>`` and the link renamed in its place: a crash
 between those two renames leaves no OUT, and the next run puts the plain
@@ -96,17 +97,26 @@ class FolderOutput:
             import fcntl  # noqa: PLC0415 - POSIX only
         except ImportError:
             return
-        fd = os.open(os.path.join(self.parent, f"{self.prefix}_lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        path = os.path.join(self.parent, f"{self.prefix}_lock")
+        busy = FileExistsError(f"{self.out}: another reflora merge is writing this output; expected one at a time")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            now = os.stat(path)  # still the file at that name? (the holder before us removes it when done)
+            if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+                raise busy
         except OSError:
             os.close(fd)
-            raise FileExistsError(f"{self.out}: another reflora merge is writing this output; "
-                                  "expected one at a time") from None
-        self.lock_fd = fd
+            raise busy from None
+        self.lock_fd, self.lock_path = fd, path
 
     def _unlock(self) -> None:
         if self.lock_fd is not None:
+            try:
+                os.unlink(self.lock_path)  # while still held: a later run makes a fresh one
+            except OSError:
+                pass
             os.close(self.lock_fd)  # closing releases the flock
             self.lock_fd = None
 

@@ -62,7 +62,7 @@ from .merge_writer import ShardWriter, default_workers, gpu_module
 from .model_folder import FolderOutput
 from .peft import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, pattern_key, read_peft_config
 from .safetensors import load_tensors
-from .safetensors_header import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, validate_header
+from .safetensors_header import MAX_HEADER_BYTES, validate_header
 
 __all__ = ["INDEX_NAME", "merge_model"]
 

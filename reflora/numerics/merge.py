@@ -62,6 +62,7 @@ import numpy as np
 
 from .._validate import _check_scale
 from ..backend import array_namespace, to_numpy
+from .merge_f32 import FLOAT64_BLOCK_BYTES
 from .merge_f32 import add_lowrank as add_lowrank_f32
 from .rounding import BF16, certainly_rounded, round_fraction, round_to_dtype
 
@@ -71,7 +72,7 @@ _U = 2.0 ** -53
 # float64 work per block of rows in the merge loop (at least one row). Small on purpose: it
 # bounds the extra memory, and temporaries under glibc's 128 KiB mmap threshold are reused
 # from the heap instead of being mapped and zeroed afresh (measured 4x faster than 8 MiB).
-_BLOCK_BYTES = 64 << 10
+_BLOCK_BYTES = FLOAT64_BLOCK_BYTES
 
 
 class Merged(NamedTuple):

@@ -31,13 +31,23 @@ Derivation (u = 2^-24, the float32 unit roundoff; S_pq = sum_k |s L_pk R_kq|):
    candidate: recomputed in float64 from the inputs with the old bound
    e = 2 (R + 3) 2^-53 (sum_k |s L_pk R_kq| + |W|) and, if still unsure, with
    ``fractions.Fraction`` (``reflora.numerics.merge``'s own fallbacks).
-5. Candidates whose float64 value is not finite or below 2^-100 in magnitude
-   (the sign of a zero, a NaN payload: things that depend on how the old
-   float64 path summed) raise ``NeedsFloat64``; the caller redoes the tensor
-   with the float64 path, so even those come out as before.
+5. Settling a candidate: where the float64 bound cannot decide, the exact
+   value is often a midpoint itself (bfloat16-valued adapters leave few
+   significant bits); if the float64 sum provably made no error (TwoSum at
+   each step, exact products, s a power of two) it is rounded directly,
+   else with ``fractions.Fraction``. A zero result follows the float64
+   path: +0 (its Fraction fallback rounds the exact 0 to +0), except where
+   that path could certify its own signed zero (error bound below half the
+   smallest subnormal: float16, or bfloat16 with values below about
+   2^-80); there its row block is replayed through ``add_lowrank_float64``
+   itself (same BLAS calls, same bits). Inf/NaN inputs or overflow raise
+   ``NeedsFloat64`` and the caller redoes the whole tensor in float64 (NaN
+   payloads follow that path's arithmetic).
 
 Typical candidate rate: 1e-4 to 1e-3 of the elements (a rank-16 update of a
-bfloat16 weight with std 0.02), each costing a few float64 operations.
+bfloat16 weight with std 0.02 and a trained-size B), each costing a few float64
+operations; about 2e-2 for PEFT's ``init_lora_weights=False`` adapters (B as
+large as A), where the whole merge costs about 10 ns an element.
 
 The arithmetic takes a namespace ``xp`` (NumPy, or CuPy on a GPU; CuPy's
 float32 matmul must not use TF32, which ``check_gpu_float32`` enforces):
@@ -67,6 +77,8 @@ SUB_ELEMENTS = 1 << 16
 #: target -> (h = 24 - p low bits dropped, lowest normal, largest finite)
 _TARGETS = {BF16: (16, 2.0 ** -126, 3.3895313892515355e38), F16: (13, 2.0 ** -14, 65504.0)}
 _MAX_RANK = 4096
+#: float64 bytes per row block of ``reflora.numerics.merge.add_lowrank_float64`` (its zero replays need it)
+FLOAT64_BLOCK_BYTES = 64 << 10
 #: candidates x rank per float64 fix-up batch (bounds its memory: about 8 bytes a term plus 120 a candidate)
 FIX_BATCH_TERMS = 1 << 16
 _TINY = {BF16: 2.0 ** -133, F16: 2.0 ** -24}  # smallest subnormals
@@ -117,11 +129,12 @@ class Plan:
             else:
                 lmax = np.max(np.abs(self.l64), axis=0) if P and R else np.zeros(R)
                 self.rho_old = abs(self.s) * (np.abs(self.r64).T @ lmax) if R else np.zeros(Q)
-            self.old_rows = max(1, (64 << 10) // (8 * max(Q, 1)))
+            self.old_rows = max(1, FLOAT64_BLOCK_BYTES // (8 * max(Q, 1)))  # the float64 path's row block
             # products of float32-representable numbers are exact in float64; s a power of two scales exactly
             self.exact_terms = bool(np.array_equal(self.l64, self.l64.astype(np.float32))
                                     and np.array_equal(self.r64, self.r64.astype(np.float32))
-                                    and self.s != 0 and math.frexp(abs(self.s))[0] == 0.5)  # the float64 path's row block (o_axis 0)
+                                    and 2.0 ** -400 < abs(self.s) < 2.0 ** 400
+                                    and math.frexp(abs(self.s))[0] == 0.5)
             big = 1.0 + (float(np.max(np.abs(self.l32))) if self.l32.size else 0.0) \
                 + (float(np.max(np.abs(self.r32))) if self.r32.size else 0.0)
             k = 2.0 * ((R + 4) * 1.01 * _U32 * (float(np.max(rho)) if P else 0.0) + _ETA * (2 + (R + 2) * big))

@@ -214,3 +214,35 @@ def test_refusals_stand(setup):
     with pytest.raises(ValueError, match="base model's folder"):
         mm.merge_model(tmp / "base", tmp / "a2", tmp / "alink", overwrite=True, progress=False)
     assert (tmp / "afile").read_text() == "x" and os.path.islink(tmp / "alink")
+
+
+def test_a_reader_polling_during_rewrites_sees_one_version(setup):
+    """A reader that resolves OUT once per read (realpath) and reads every file sees exactly one output."""
+    tmp, new = setup
+    out = tmp / "polled"
+    mm.merge_model(tmp / "base", tmp / "a1", out, progress=False)
+    old = snapshot(out)
+    versions = (old, new)
+    seen, bad, stop = [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                real = os.path.realpath(out)
+                got = {p: open(os.path.join(real, p), "rb").read() for p in sorted(os.listdir(real))}
+            except FileNotFoundError:  # the version it resolved was removed after a switch: read again
+                continue
+            seen.append(versions.index(got) if got in versions else -1)
+            if got not in versions:
+                bad.append(sorted(got))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for k in range(6):
+            mm.merge_model(tmp / "base", tmp / ("a2" if k % 2 == 0 else "a1"), out, overwrite=True, progress=False)
+    finally:
+        stop.set()
+        t.join()
+    assert not bad, f"a reader saw a mix: {bad[:1]}"
+    assert {0, 1} <= set(seen) and leftovers(out) == []  # it did read both versions, never a mix

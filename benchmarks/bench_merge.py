@@ -9,11 +9,12 @@ model.safetensors.index.json, and a rank-16 PEFT adapter (float32, alpha 32)
 on every linear (q, k, v, o, gate, up, down). Then, each in its own process
 under /usr/bin/time -v:
 
-  reflora   python -m reflora.cli merge BASE ADAPTER OUT --quiet
+  reflora   python -m reflora.cli merge BASE ADAPTER OUT --quiet  (OUT: a model folder)
   peft      load the base into torch (bf16), PeftModel.from_pretrained,
             merge_and_unload(), save the same shards with safetensors.torch
 
-and prints wall time and peak resident memory for both, their ratios, and how
+and prints wall time, CPU time (user + system: steadier than wall on a shared
+machine) and peak resident memory for both, their ratios, and how
 the two merged layer-0 q_proj weights compare with the exact W + s B A. All
 temporary files live under one folder that is removed at the end.
 """
@@ -152,7 +153,8 @@ def timed(cmd: list[str]) -> dict:
     if r.returncode != 0:
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    return {"wall s": wall, "peak RSS MiB": rss / 1024}
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", r.stderr))
+    return {"wall s": wall, "cpu s": cpu, "peak RSS MiB": rss / 1024}
 
 
 def compare(base: str, adapter: str, out_r: str, out_p: str, shard: str, name: str) -> dict:
@@ -202,11 +204,12 @@ def main() -> None:
 
         print(f"\npython {sys.version.split()[0]}, numpy {np.__version__}, torch {torch.__version__}, "
               f"peft {peft.__version__}, {os.cpu_count()} CPUs")
-        print(f"{'':28} {'wall s':>9} {'peak RSS MiB':>13}")
+        print(f"{'':28} {'wall s':>9} {'CPU s':>9} {'peak RSS MiB':>13}")
         for label, r in rows.items():
-            print(f"{label:28} {r['wall s']:9.1f} {r['peak RSS MiB']:13.0f}")
+            print(f"{label:28} {r['wall s']:9.1f} {r['cpu s']:9.1f} {r['peak RSS MiB']:13.0f}")
         a, b = rows["reflora merge"], rows["peft merge_and_unload+save"]
-        print(f"{'ratio reflora / peft':28} {a['wall s'] / b['wall s']:9.2f} {a['peak RSS MiB'] / b['peak RSS MiB']:13.2f}")
+        print(f"{'ratio reflora / peft':28} {a['wall s'] / b['wall s']:9.2f} {a['cpu s'] / b['cpu s']:9.2f} "
+              f"{a['peak RSS MiB'] / b['peak RSS MiB']:13.2f}")
         print(f"\n{name} ({D}x{D}) against the exact W + s B A (float64):")
         for label, (frac, worst) in cmp.items():
             print(f"  {label:8} {100 * frac:6.3f}% of elements beyond 0.5 ulp; worst {worst:.3f} ulp")

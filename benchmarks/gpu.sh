@@ -28,4 +28,7 @@ python3 -m reflora.cli info
 python3 -m pytest -q -p no:cacheprovider --ignore=tests/test_docs.py -rs tests 2>&1 | tee "$out/gpu_tests.log"
 rc=${PIPESTATUS[0]}
 python3 benchmarks/bench_gpu.py --markdown "$out/gpu_bench.md" 2>&1 | tee "$out/gpu_bench.log"
+rc=$(( rc || PIPESTATUS[0] ))
+# reflora merge --device gpu vs PEFT merge_and_unload on this GPU (a ~4 GiB base built from a config)
+python3 benchmarks/bench_merge_gpu.py --gib 4 --markdown "$out/merge_gpu.md" 2>&1 | tee "$out/merge_gpu.log"
 exit $(( rc || PIPESTATUS[0] ))

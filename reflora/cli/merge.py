@@ -12,10 +12,15 @@ from ..io.model_merge import merge_model
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    s = merge_model(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    s = merge_model(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
+                    workers=args.workers, device=args.device)
     print(f"merged {s['modules']} adapter modules ({s['tensors merged']} tensors; {s['tensors copied']} copied) "
-          f"into {len(s['outputs'])} file(s), {s['bytes'] / 2**20:.1f} MiB in {s['seconds']:.1f} s")
-    for p in s["outputs"]:
+          f"into {args.out}: {len(s['outputs'])} file(s), {s['bytes'] / 2**20:.1f} MiB in {s['seconds']:.1f} s")
+    if s["note"]:
+        print(f"note: {s['note']}")
+    if s["left out"]:
+        print(f"not copied from the base folder (weights or folders): {', '.join(s['left out'])}")
+    for p in sorted(s["outputs"]):
         print(f"  {p}")
     return 0
 
@@ -25,7 +30,11 @@ def register(sub) -> None:
                        description=model_merge.__doc__.split("\n\n")[0])
     p.add_argument("base", help="base model: a .safetensors file, a folder, or model.safetensors.index.json")
     p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("out", help="output file (single-file base) or folder (sharded base)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("out", help="output model folder (weights, index, and the base folder's config/tokenizer files)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (switched atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                   help="where the merge arithmetic runs (default: gpu if $REFLORA_BACKEND=cupy, else cpu); "
+                        "same output bits either way")
+    p.add_argument("--workers", type=int, default=None, help="threads (default: usable cores, at most 8)")
     p.set_defaults(func=_cmd)

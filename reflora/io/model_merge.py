@@ -20,17 +20,24 @@ merges into the transposed weight.
 
 Everything is checked before anything is written: every adapter module has
 its base tensor, shapes fit (legend O, I, R), dtypes are floating, lora_bias has
-a base bias. Then each output file is streamed: the header is the input's
-(the same names, dtypes, shapes and offsets), untargeted tensors are copied
-through in 16 MiB pieces, targeted ones are read, merged and written one at a
-time. Peak memory is about two copies of the largest targeted tensor (its
-input and its output) plus the merge's float64 row blocks (a few MiB); a DoRA
-module needs more, several float64 O x I arrays for its row norms (about 20
-times a bf16 tensor), since ``dora_merge`` is not blocked. The
-output is written atomically: a single file through a temporary file and a
-rename; a sharded model into a temporary folder renamed to OUT at the end,
-with its index. No torch is imported. Only weights are written: copy
-config.json, tokenizer and generation files next to them yourself.
+a base bias. Then each output file is written with the input's header (the
+same names, dtypes, shapes and offsets): untargeted tensors are copied as bytes
+(``os.copy_file_range``), targeted ones merged by worker threads in row chunks
+(``reflora.io.merge_writer``; bfloat16/float16 weights through the certified
+float32 path of ``reflora.numerics.merge_f32``, the same bits as the float64
+one). Peak memory: a few MiB per worker for bfloat16/float16 LoRA weights,
+whatever the model's size; a float32/float64 weight or a DoRA module is merged
+whole (its input, its output and float64 work; DoRA: several float64 O x I
+arrays). No torch is imported.
+
+OUT is always a model folder: ``model.safetensors`` (or the base's shard names
+and its ``model.safetensors.index.json``, copied unchanged), plus every other
+file of a base folder (config.json, generation_config.json, tokenizer files;
+not other weight files, not sub-folders), copied unchanged, so
+``from_pretrained(OUT)`` loads it. A single-file BASE gives only the weights
+(the summary says so). OUT is replaced all-or-nothing (``--overwrite``): it is
+a link switched by one rename to a complete, fsynced version folder
+(``reflora.io.model_folder``).
 """
 
 from __future__ import annotations
@@ -38,9 +45,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 import time
 from typing import Any, NamedTuple
 
@@ -49,16 +56,17 @@ import numpy as np
 from .._errors import FormatError
 from ..numerics.merge import dora_merge, merge
 from ..numerics.rounding import BF16
-from .atomic import atomic_write
+from ..numerics.merge_f32 import blas_threads
+from .merge_writer import ShardWriter, default_workers, gpu_module
+from .model_folder import FolderOutput
 from .peft import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, pattern_key, read_peft_config
 from .safetensors import load_tensors
-from .safetensors_header import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, validate_header
+from .safetensors_header import MAX_HEADER_BYTES, validate_header
 
 __all__ = ["INDEX_NAME", "merge_model"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_COPY_CHUNK = 16 << 20
 _FLOATS = ("F16", "BF16", "F32", "F64")
 _SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "lora_bias", "lora_magnitude_vector": "m"}
 
@@ -250,56 +258,67 @@ def _merged_tensor(arr: np.ndarray, job: _Job, what: str, bias_arr: Any = None) 
     return merge(arr, job.A, job.B, scale=job.scale, fan_in_fan_out=job.fan_in_fan_out).weight
 
 
-def _write_shard(h: _Header, targets: dict[str, tuple], out_path: str, bar: Any, done: list) -> None:
-    data_start = len(h.prefix)
-    with open(h.path, "rb") as src, open(out_path, "wb") as dst:
-        dst.write(h.prefix)  # the same header: same names, dtypes, shapes and offsets
-        for name, dt, shape, begin, end in h.entries:
-            src.seek(data_start + begin)
-            if name in targets:
-                raw = np.empty(end - begin, dtype=np.uint8)
-                if src.readinto(memoryview(raw)) != raw.size:
-                    raise FormatError(f"{h.path}: file ended inside tensor {name!r} (did it change while read?)")
-                job, what = targets[name]
-                new = _merged_tensor(raw.view(SAFETENSORS_DTYPES[dt]).reshape(shape), job, what)
-                del raw
-                dst.write(np.ascontiguousarray(new).reshape(-1).view(np.uint8).data)
-                del new
-            else:
-                left = end - begin
-                while left:
-                    piece = src.read(min(left, _COPY_CHUNK))
-                    if not piece:
-                        raise FormatError(f"{h.path}: file ended inside tensor {name!r}")
-                    dst.write(piece)
-                    left -= len(piece)
-            done[0] += 1
-            if bar is not None:
-                bar.update(done[0] - 1, ("merged " if name in targets else "copied ") + name)
-        dst.flush()
-        os.fsync(dst.fileno())
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz", ".onnx",
+                    ".index.json")
 
 
-def merge_model(base: Any, adapter: Any, out: Any, *, overwrite: bool = False, progress: bool = True) -> dict:
+def _index_path(base: str) -> str:
+    return os.path.abspath(os.path.join(base, INDEX_NAME) if os.path.isdir(base) else base)
+
+
+def _base_files(base: str, headers: dict, index_path: str | None) -> tuple[str | None, list[str], list[str]]:
+    """(base folder or None for a lone file, non-weight files to copy, names left out), all sorted."""
+    if os.path.isdir(base) or index_path is not None:
+        folder = os.path.dirname(index_path) if index_path is not None else base
+    else:
+        return None, [], []
+    copy, skipped = [], []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or name in headers or path == index_path:
+            continue
+        if not os.path.isfile(path) or name.endswith(_WEIGHT_SUFFIXES):
+            skipped.append(name)  # folders, and other weight files (unmerged weights would shadow or confuse)
+        else:
+            copy.append(name)
+    return folder, copy, skipped
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def merge_model(base: Any, adapter: Any, out: Any, *, overwrite: bool = False, progress: bool = True,
+                workers: int | None = None, device: str | None = None) -> dict:
     """Merge a PEFT LoRA adapter into base model weights on disk (see the module docstring).
 
     Args:
       base: a safetensors file, a folder with model.safetensors, or a sharded
         model (folder or its model.safetensors.index.json).
       adapter: a PEFT adapter folder or its adapter_model.safetensors.
-      out: the merged file (single-file base; a folder OUT means
-        OUT/model.safetensors) or the merged model folder (sharded base).
-      overwrite: replace an existing output.
-      progress: a progress bar on stderr.
+      out: the output model folder: OUT/model.safetensors (or the base's shards
+        and index) and the base folder's other files (config.json, tokenizer...).
+      overwrite: replace an existing output (switched atomically; see
+        ``reflora.io.model_folder``).
+      progress: a progress bar on stderr (bytes, rate, ETA).
+      workers: threads for copying and merging (default: the usable cores, at most 8).
+      device: "cpu", or "gpu" to run the bfloat16/float16 merge arithmetic on
+        CuPy (the same bits; candidates are still settled on the host); None
+        reads $REFLORA_BACKEND ("cupy" means "gpu"; anything else "cpu").
 
     Returns:
-      A summary dict: modules merged, tensors written, bytes, seconds, output paths.
+      A summary dict: modules merged, tensors merged and copied, bytes, seconds,
+      outputs (sorted paths under OUT), copied (the base's other files), left out
+      (weight files and folders of the base not copied), note.
 
     Raises:
       ValueError: adapter modules without a base tensor, shape or dtype mismatches
-        (all listed at once); nothing is written.
+        (all listed at once); OUT is or contains the base's folder; nothing is written.
       reflora.FormatError: malformed files or configs.
-      FileExistsError: the output exists and overwrite is False.
+      FileExistsError: the output exists and overwrite is False, or holds other files.
 
     Example:
       (see tests/io/test_model_merge.py; on the command line:)
@@ -308,63 +327,57 @@ def merge_model(base: Any, adapter: Any, out: Any, *, overwrite: bool = False, p
     t0 = time.perf_counter()
     base, adapter, out = os.fspath(base), os.fspath(adapter), os.fspath(out)
     headers, index = _resolve_base(base)
+    index_path = _index_path(base) if index is not None else None
+    gpu = gpu_module(device)
     weights, modules, cfg = _read_adapter(adapter)
     plan = _plan(headers, _jobs(weights, modules, cfg))
-    total = sum(len(h.entries) for h in headers.values())
+    folder, extra, skipped = _base_files(base, headers, index_path)
+    names = sorted(headers) if index is not None else [SINGLE_NAME]
+    written = sorted(names + ([INDEX_NAME] if index is not None else []) + extra)
+    base_dirs = {os.path.dirname(os.path.realpath(h.path)) for h in headers.values()}
+    target = FolderOutput(out, overwrite=overwrite, expected=set(written) | {SINGLE_NAME}, protect=base_dirs)
+    total = sum(e[4] - e[3] for h in headers.values() for e in h.entries)
     bar = None
     if progress:
-        from ..cli.progress import ProgressBar  # noqa: PLC0415 - a leaf module, stdlib only
+        from ..cli.progress import ByteProgress  # noqa: PLC0415 - a leaf module, stdlib only
 
-        bar = ProgressBar(total)
-    done = [0]
-    if index is None:
-        (shard, h), = headers.items()
-        target = os.path.join(out, SINGLE_NAME) if os.path.isdir(out) else out
-        if os.path.realpath(target) == os.path.realpath(h.path):
-            raise ValueError(f"OUT {target} is the base file itself; expected a new path")
-        atomic_write(target, lambda tmp: _write_shard(h, plan[shard], tmp, bar, done), overwrite=overwrite)
-        outputs = [target]
-    else:
-        if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not overwrite)):
-            raise FileExistsError(f"{out} exists; expected a new folder for the sharded model (or overwrite)")
-        real_out = os.path.realpath(out)
-        base_dirs = {os.path.dirname(os.path.realpath(h.path)) for h in headers.values()}
-        if any(d == real_out or d.startswith(real_out + os.sep) for d in base_dirs):
-            raise ValueError(f"OUT {out} is or contains the base model's folder; expected a new folder "
-                             "(replacing it would delete the base and its other files)")
-        if os.path.isdir(out):
-            ours = set(headers) | {INDEX_NAME}
-            foreign = sorted(set(os.listdir(out)) - ours)
-            if foreign:
-                raise FileExistsError(f"{out} holds files this merge would not write ({foreign[:5]}); "
-                                      "expected a new folder or a previous merge output")
-        parent = os.path.dirname(os.path.abspath(out))
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.{secrets.token_hex(6)}.tmp")
-        os.mkdir(tmp)
-        try:
+        bar = ByteProgress(total)
+    writer = ShardWriter(_merged_tensor, bar.advance if bar is not None else None, workers or default_workers(),
+                         gpu=gpu)
+    syncs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reflora-fsync")
+    target.begin()
+    try:
+        pending = []
+        with blas_threads(1):
             for shard, h in headers.items():
-                _write_shard(h, plan[shard], os.path.join(tmp, shard), bar, done)
-            with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-            old = None
-            if os.path.exists(out):
-                old = f"{tmp}.old"
-                os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                if old is not None:
-                    os.rename(old, out)  # put the previous output back
-                raise
-            if old is not None:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        outputs = [os.path.join(out, s) for s in headers] + [os.path.join(out, INDEX_NAME)]
+                name = shard if index is not None else SINGLE_NAME
+                fd = os.open(target.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                try:
+                    writer.write(h, plan[shard], fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                pending.append(syncs.submit(_fsync_close, fd))  # the disk catches up while the next shard runs
+        copies = [(index_path, INDEX_NAME)] if index_path is not None else []
+        for src, name in copies + [(os.path.join(folder, n), n) for n in extra]:
+            shutil.copyfile(src, target.path(name))
+            fd = os.open(target.path(name), os.O_RDONLY)
+            pending.append(syncs.submit(_fsync_close, fd))
+        for f in pending:
+            f.result()
+        target.publish()
+    except BaseException:
+        target.abort()
+        raise
+    finally:
+        writer.close()
+        syncs.shutdown(wait=True)
     targeted = sum(len(t) for t in plan.values())
-    return {"modules": len(modules), "tensors merged": targeted, "tensors copied": total - targeted,
+    outputs = [os.path.join(target.out, n) for n in written]
+    note = ("BASE is a single file: only the weights were written (no config.json or tokenizer files to copy)"
+            if folder is None else "")
+    return {"modules": len(modules), "tensors merged": targeted,
+            "tensors copied": sum(len(h.entries) for h in headers.values()) - targeted,
             "bytes": sum(os.path.getsize(p) for p in outputs), "seconds": time.perf_counter() - t0,
-            "outputs": outputs}
+            "outputs": outputs, "copied": extra, "left out": skipped, "note": note,
+            "float64 redone": list(writer.float64_redo)}

@@ -8,7 +8,10 @@ RN_dtype is round-to-nearest-even of the *exact* real value to W's dtype
 (bfloat16, float16 or float32): every merged element is the representable
 number nearest to W + s B A, within 0.5 ulp. How:
 
-1. r = W + s (B A) in float64, rows at a time (bounded memory).
+1. r = W + s (B A) in float64, rows at a time (bounded memory). (For a
+   bfloat16 or float16 W the same certified scheme runs in float32 first,
+   ``reflora.numerics.merge_f32``, and only its rare uncertain elements come
+   here: same result, bit for bit, several times faster.)
 2. A rigorous bound e >= |r - exact| (products of bf16/fp16/fp32 numbers are
    exact in float64; the R-term sum, the scaling and the add each round once):
        e = 2 (R + 3) u (|s| sum_k |B_ok| max_i |A_ki| + |W_oi|),  u = 2^-53
@@ -65,6 +68,8 @@ import numpy as np
 from .._validate import (_check_arrays, _check_lowrank, _check_row_norms, _check_scale, _check_vector,
                          _legacy_arguments)
 from ..backend import to_numpy
+from .merge_f32 import FLOAT64_BLOCK_BYTES
+from .merge_f32 import add_lowrank as add_lowrank_f32
 from .rounding import BF16, certainly_rounded, round_fraction, round_to_dtype
 
 __all__ = ["DoraMerged", "Merged", "dora_merge", "dora_unmerge", "merge", "unmerge"]
@@ -73,7 +78,7 @@ _U = 2.0 ** -53
 # float64 work per block of rows in the merge loop (at least one row). Small on purpose: it
 # bounds the extra memory, and temporaries under glibc's 128 KiB mmap threshold are reused
 # from the heap instead of being mapped and zeroed afresh (measured 4x faster than 8 MiB).
-_BLOCK_BYTES = 64 << 10
+_BLOCK_BYTES = FLOAT64_BLOCK_BYTES
 
 
 class Merged(NamedTuple):
@@ -104,7 +109,16 @@ def _exact(w: float, a_col: np.ndarray, b_row: np.ndarray, s: float) -> Fraction
 
 
 def _add_lowrank(w: np.ndarray, a64: np.ndarray, b64: np.ndarray, s: float) -> np.ndarray:
-    """RN(w + s b64 a64) in w's dtype, by row blocks; w (O, I), a64 (R, I), b64 (O, R)."""
+    """RN(w + s b64 a64) in w's dtype: the float32 speed path where it applies, else float64 (same bits)."""
+    fast = add_lowrank_f32(w, a64, b64, s)
+    return fast if fast is not None else add_lowrank_float64(w, a64, b64, s)
+
+
+def add_lowrank_float64(w: np.ndarray, a64: np.ndarray, b64: np.ndarray, s: float) -> np.ndarray:
+    """RN(w + s b64 a64) in w's dtype, by row blocks of float64; w (O, I), a64 (R, I), b64 (O, R).
+
+    The reference path (and the speed path's oracle in tests/numerics/test_merge_f32.py).
+    """
     O, I = w.shape
     R = a64.shape[0]
     out = np.empty(w.shape, dtype=w.dtype)

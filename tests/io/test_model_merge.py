@@ -111,8 +111,10 @@ def read_all(path):
 def test_single_file_float32_matches_peft(tmp_path):
     base, adapter, base_sd, merged, _ = make_case(tmp_path, r=4, lora_alpha=8, use_rslora=True,
                                                   rank_pattern={"up_proj": 2}, alpha_pattern={"down_proj": 3})
-    out = tmp_path / "merged.safetensors"
+    out = tmp_path / "merged"
     s = cm.merge_model(base, adapter, out, progress=False)
+    assert s["outputs"] == [str(out / "model.safetensors")] and s["note"] == ""
+    out = out / "model.safetensors"
     assert s["modules"] == 8 and s["tensors merged"] == 8
     got = read_all(out)  # the safetensors package reads it
     assert set(got) == set(merged)
@@ -154,9 +156,9 @@ def test_sharded_bfloat16_is_within_half_an_ulp(tmp_path):
 def test_lora_bias_and_dora_match_peft(tmp_path, kind):
     kw = {"lora_bias": True} if kind == "lora_bias" else {"use_dora": True}
     base, adapter, base_sd, merged, _ = make_case(tmp_path, dtype=torch.float64, r=4, lora_alpha=6, **kw)
-    out = tmp_path / "m.safetensors"
+    out = tmp_path / "m"
     main(["merge", str(base), str(adapter), str(out), "--quiet"])
-    got = read_all(out)
+    got = read_all(out / "model.safetensors")
     for k, v in merged.items():
         assert_close(got[k], v, name=k, rel=1e-13)
     changed = [k for k in merged if not np.array_equal(got[k], base_sd[k])]
@@ -178,7 +180,7 @@ def test_errors_come_before_anything_is_written(tmp_path, capsys):
     sd["model.layers.0.up_proj.weight"] = np.zeros((20, 13), np.float32)
     bad = tmp_path / "bad.safetensors"
     save_tensors(bad, sd)
-    out = tmp_path / "never.safetensors"
+    out = tmp_path / "never"
     with pytest.raises(ValueError) as exc:
         cm.merge_model(bad, adapter, out, progress=False)
     msg = str(exc.value)
@@ -219,47 +221,71 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
     # a single-file output: an existing file is left as it was
     (tmp_path / "s").mkdir()
     one, adapter1, _, _, _ = make_case(tmp_path / "s", r=2, lora_alpha=2)
-    target = tmp_path / "one.safetensors"
-    target.write_bytes(b"old")
+    target = tmp_path / "one"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"old")
     calls.clear()
     with pytest.raises(OSError, match="simulated"):
         cm.merge_model(one, adapter1, target, overwrite=True, progress=False)
-    assert target.read_bytes() == b"old" and _no_stray_files(tmp_path) == []
+    assert (target / "model.safetensors").read_bytes() == b"old" and _no_stray_files(tmp_path) == []
 
 
-def test_peak_memory_is_about_two_of_the_largest_tensors(tmp_path):
-    """Four 4 MiB bf16 weights (2M elements), all targeted: the peak stays near 2 x 4 MiB.
-
-    The merge's float64 row blocks (64 KiB) add a fixed overhead of a handful of blocks.
-    """
-    block = max(rm._BLOCK_BYTES, 8 * 1448)
-    O = I = 1448
-    rng = np.random.default_rng(0)
-    names = [f"model.layers.{i}.q_proj" for i in range(4)]
-    save_tensors(tmp_path / "model.safetensors",
-                 {n + ".weight": (rng.standard_normal((O, I)) * 0.02).astype(BF16) for n in names})
-    ad = tmp_path / "ad"
+def _square_model(folder, n, side, rng):
+    """n bf16 (side, side) weights, all targeted by a rank-4 adapter; returns (adapter folder, adapter bytes)."""
+    folder.mkdir()
+    names = [f"model.layers.{i}.q_proj" for i in range(n)]
+    save_tensors(folder / "model.safetensors",
+                 {k + ".weight": (rng.standard_normal((side, side)) * 0.02).astype(BF16) for k in names})
+    ad = folder / "ad"
     ad.mkdir()
     tensors = {}
-    for n in names:
-        tensors[f"base_model.model.{n}.lora_A.weight"] = rng.standard_normal((4, I)).astype(np.float32)
-        tensors[f"base_model.model.{n}.lora_B.weight"] = rng.standard_normal((O, 4)).astype(np.float32) * 0.01
+    for k in names:
+        tensors[f"base_model.model.{k}.lora_A.weight"] = rng.standard_normal((4, side)).astype(np.float32)
+        tensors[f"base_model.model.{k}.lora_B.weight"] = rng.standard_normal((side, 4)).astype(np.float32) * 0.01
     save_tensors(ad / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
-    largest = O * I * 2
-    adapter_bytes = sum(a.nbytes for a in tensors.values())
-    # warm up first: lazily imported modules would count as allocations of the traced call
-    cm.merge_model(tmp_path, ad, tmp_path / "warm.safetensors", progress=False)
-    tracemalloc.start()
-    try:
-        cm.merge_model(tmp_path, ad, tmp_path / "out.safetensors", progress=False)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    over = peak - adapter_bytes
-    # measured: about 2.6 x 4 MiB beyond the adapter's own arrays
-    assert over <= 2 * largest + 16 * block, f"peak {peak / 2**20:.1f} MiB beyond the adapter's"
-    assert over >= 2 * largest  # input and output of one tensor really are held together
+    return ad, sum(a.nbytes for a in tensors.values())
+
+
+def test_peak_memory_is_flat_in_the_model_size(tmp_path):
+    """bf16 models of 3 x 2 MiB and 3 x 16 MiB weights, all targeted: the peak stays under one stated bound.
+
+    The bound (issue 17): per worker two chunk buffers, the float32 scratch and a float64 fix-up
+    batch (``FIX_BATCH_TERMS`` x 8 bytes plus 120 bytes a candidate), plus per task in flight the
+    adapter's float64/float32 copies (``Plan``), plus 2 MiB -- about 16 MiB for two workers, less
+    than the larger model's two-tensor footprint (input and output, 32 MiB) that a merge holding
+    whole tensors needs.
+    """
+    import reflora.io.merge_writer as mw
+    from reflora.numerics import merge_f32
+
+    rng = np.random.default_rng(0)
+    workers = 2
+    peaks = {}
+    for side in (1024, 2896):
+        folder = tmp_path / f"m{side}"
+        ad, adapter_bytes = _square_model(folder, 3, side, rng)
+        plan_bytes = 4 * side * 2 * (8 + 4)  # L, R in float64 and float32
+        fix_bytes = merge_f32.FIX_BATCH_TERMS * 8 + merge_f32.FIX_BATCH_TERMS // 4 * 120 + merge_f32.SUB_ELEMENTS * 16
+        bound = (workers * (2 * mw.CHUNK_BYTES + 22 * merge_f32.SUB_ELEMENTS + fix_bytes)
+                 + (workers + 2) * plan_bytes + (2 << 20))
+        # warm up first: lazily imported modules would count as allocations of the traced call
+        cm.merge_model(folder, ad, folder / "warm", progress=False, workers=workers)
+        tracemalloc.start()
+        try:
+            cm.merge_model(folder, ad, folder / "out", progress=False, workers=workers)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        peaks[side] = peak - adapter_bytes
+        assert peaks[side] <= bound, f"{side}: peak {peaks[side] / 2**20:.1f} MiB beyond the adapter's; bound {bound / 2**20:.1f}"
+        ref = read_all(folder / "warm" / "model.safetensors")
+        got = read_all(folder / "out" / "model.safetensors")
+        assert all(np.array_equal(ref[k].view(np.uint16), got[k].view(np.uint16)) for k in ref)
+    assert 2 * (2896 * 2896 * 2) > bound  # the bound is below holding one large tensor's input and output
+    assert peaks[2896] <= 1.5 * peaks[1024] + (1 << 20), peaks  # flat: 8x the bytes, about the same peak
+    print(f"\npeak beyond the adapter: {peaks[1024] / 2**20:.1f} MiB (3 x 2 MiB), {peaks[2896] / 2**20:.1f} MiB "
+          f"(3 x 16 MiB); bound {bound / 2**20:.1f} MiB")
 
 
 def test_command_line_runs_without_torch_and_shows_progress(tmp_path):
@@ -267,15 +293,15 @@ def test_command_line_runs_without_torch_and_shows_progress(tmp_path):
     import sys
 
     base, adapter, _, merged, _ = make_case(tmp_path, r=2, lora_alpha=4)
-    out = tmp_path / "cli.safetensors"
+    out = tmp_path / "cli"
     code = ("import sys; from reflora.cli import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, "merge", str(base), str(adapter), str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "merged 8 adapter modules (8 tensors;" in r.stdout
-    assert "/" in r.stderr and "merged model.layers" in r.stderr  # the progress bar, on stderr
-    got = read_all(out)
+    assert " / " in r.stderr and "ETA" in r.stderr and "merged model.layers" in r.stderr  # the bar, on stderr
+    got = read_all(out / "model.safetensors")
     for k, v in merged.items():
         assert_close(got[k], v, name=k, rel=2e-7)
     # an existing output is refused without --overwrite, before anything is written

@@ -50,8 +50,8 @@ import numpy as np
 
 from ..backend import dtype_name, to_numpy
 from ..config import LoraConfig
-from ..core import lora_backward, lora_forward, mse_loss
-from ..sgd import SGD
+from ..ops.lora import lora_backward, lora_forward, mse_loss
+from ..optim.sgd import SGD
 from .problems import Problem, SGDOptions
 from .tolerance import (DTYPES, TolerancePolicy, emulate_backward, emulate_forward, emulate_merge, emulate_train,
                         magnitude_backward, magnitude_forward, np_dtype)
@@ -481,7 +481,7 @@ def check_sgd_problem(train_step: Callable, problem: Problem, options: SGDOption
 def check_merge_problem(merge: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
                         to: Any = None, check_dtype: bool = True) -> dict[str, float]:
     """Check ``merge(W, A, B, *, scale)`` on one Problem against W + s B A (float64)."""
-    from ..merge import merge as ref_merge  # noqa: PLC0415
+    from ..numerics.merge import merge as ref_merge  # noqa: PLC0415
 
     policy, conv, a = _policy(policy), converter(to), problem.arrays()
     d, s = problem.dtype, problem.scale
@@ -521,8 +521,8 @@ def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *,
     Without it, the file must still pass reflora's strict safetensors reader.
     """
     from ..adapter import LoraAdapter  # noqa: PLC0415
-    from ..adapter_io import load_adapter, save_adapter  # noqa: PLC0415
-    from ..safetensors_io import load_tensors  # noqa: PLC0415
+    from ..io.layouts import load_adapter, save_adapter  # noqa: PLC0415
+    from ..io.safetensors import load_tensors  # noqa: PLC0415
 
     conv, a = converter(to), problem.arrays()
     if layout not in (None, "peft", "seed"):

@@ -28,8 +28,8 @@ from .._errors import FormatError
 from ..adapter import LoraAdapter
 from ..backend import to_numpy
 from ..config import INIT_SCHEMES, LoraConfig
-from ._keys import (LAYOUTS, adapter_tensors, as_mapping, build_adapter, key, metadata_for, parse_key,
-                    read_record, unsupported_reason)
+from ._keys import (LAYOUTS, adapter_tensors, as_mapping, build_adapter, key, metadata_for, module_path_problem,
+                    parse_key, read_record, unsupported_reason)
 from .safetensors import load_tensors, save_tensors
 
 __all__ = ["LAYOUTS", "detect_layout", "layouts_roundtrip_error", "load_adapter", "save_adapter"]
@@ -180,8 +180,9 @@ def save_adapter(path: Any, adapter: Any, *, layout: str = "peft", module: str =
       (2, 4)
     """
     layout = _check_layout(layout)
-    if not isinstance(module, str) or not module or module != module.strip("."):
-        raise ValueError(f"module is {module!r}; expected a dotted module path such as 'linear'")
+    if module_path_problem(module):
+        raise ValueError(f"module is {module!r:.120}; expected a dotted module path such as 'linear' "
+                         f"(it {module_path_problem(module)})")
     adapters, single = as_mapping(adapter, module if layout == "peft" else "")
     for m, ad in adapters.items():
         extras = [n for n in ("magnitude", "lora_bias") if getattr(ad, n, None) is not None]

@@ -15,7 +15,6 @@ All refusals of PEFT features live in ``UNSUPPORTED_CONFIG``: extend there.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from typing import Any, Mapping
@@ -23,10 +22,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._errors import FormatError
+from .._validate import check_real
 from ..adapter import LoraAdapter
 from ..backend import asarray, to_numpy
 from ._keys import (PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, adapter_tensors, as_mapping, build_adapter,
                     metadata_for, parse_key, read_record, unsupported_reason)
+from . import _pattern
+from ._files import read_json
 from .atomic import atomic_write
 from .safetensors import load_tensors, save_tensors
 
@@ -58,49 +60,65 @@ UNSUPPORTED_CONFIG = (
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", module)."""
-    for p in patterns:
-        if re.match(rf"(.*\.)?({p})$", module):
-            return p
-    return None
+    """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", module), or None.
+
+    Matched by ``reflora.io._pattern`` in time linear in the path (a Thompson NFA
+    built from re's own parse of the same string), so a hostile key such as
+    ``(a+)+`` cannot hang; keys it cannot bound are refused by ``read_peft_config``.
+    """
+    return _pattern.pattern_key(patterns, module)
+
+
+def seed_file_message(adapter: str, folder: str) -> str:
+    """What to say when a single adapter file (no adapter_config.json beside it) is given where a PEFT folder is needed."""
+    return (f"{adapter} is an adapter file, and its folder {folder} has no {PEFT_CONFIG_NAME}: expected a PEFT "
+            f"adapter folder ({PEFT_CONFIG_NAME} + {PEFT_WEIGHTS_NAME}). Make one with "
+            f"`reflora convert {adapter} NEW_DIR --to peft` (add --alpha A if the file has no reflora config) "
+            "and pass NEW_DIR")
 
 
 def read_peft_config(directory: str, *, allow: tuple[str, ...] = ()) -> dict[str, Any]:
-    """adapter_config.json, checked; fields in ``allow`` are not refused (``reflora merge`` handles DoRA, lora_bias)."""
+    """adapter_config.json, checked: the one validator of every config value that reaches arithmetic.
+
+    ``load_peft`` and ``reflora merge`` both read configs here. r and every rank_pattern value are ints >= 1;
+    lora_alpha and every alpha_pattern value finite numbers (NaN, Infinity and numbers beyond float64 are
+    refused); pattern keys are regexes PEFT's way that ``pattern_key`` can match in bounded time; use_rslora
+    and fan_in_fan_out booleans. Fields in ``allow`` are not refused (``reflora merge`` handles DoRA, lora_bias).
+    """
     path = os.path.join(directory, PEFT_CONFIG_NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise FormatError(f"{directory}: no {PEFT_CONFIG_NAME}; expected a PEFT adapter directory") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if not os.path.lexists(path):
+        raise FormatError(f"{directory}: no {PEFT_CONFIG_NAME}; expected a PEFT adapter folder "
+                          f"({PEFT_CONFIG_NAME} + {PEFT_WEIGHTS_NAME}, as PeftModel.save_pretrained writes)")
+    cfg = read_json(path, PEFT_CONFIG_NAME)
     if not isinstance(cfg, dict):
         raise FormatError(f"{path}: a JSON {type(cfg).__name__}; expected an object")
     ptype = cfg.get("peft_type")
     if ptype != "LORA":
-        raise FormatError(f"{path}: peft_type is {ptype!r}; expected 'LORA'")
+        raise FormatError(f"{path}: peft_type is {ptype!r:.80}; expected 'LORA'")
     for field, bad, why in UNSUPPORTED_CONFIG:
         if field not in allow and bad(cfg.get(field)):
-            raise FormatError(f"{path}: {field} = {cfg.get(field)!r}: {why}; refusing rather than mis-reading")
-    for field in ("r", "lora_alpha"):
-        v = cfg.get(field)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise FormatError(f"{path}: {field} is {v!r}; expected a number")
+            raise FormatError(f"{path}: {field} = {cfg.get(field)!r:.80}: {why}; refusing rather than mis-reading")
+    cfg["r"] = check_real(cfg.get("r"), f"{path}: r", error=FormatError, integer=True, minimum=1)
+    cfg["lora_alpha"] = check_real(cfg.get("lora_alpha"), f"{path}: lora_alpha", error=FormatError)
     for field in ("rank_pattern", "alpha_pattern"):
         v = cfg.get(field) or {}
-        if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                              for x in v.values()):
-            raise FormatError(f"{path}: {field} is {v!r}; expected an object of pattern -> number")
-        for p in v:
+        if not isinstance(v, dict):
+            raise FormatError(f"{path}: {field} is {v!r:.80}; expected an object of pattern -> number")
+        for p, x in v.items():
+            v[p] = check_real(x, f"{path}: {field}[{p!r:.80}]", error=FormatError, integer=field == "rank_pattern",
+                              minimum=1 if field == "rank_pattern" else None)
             try:
-                re.compile(rf"(.*\.)?({p})$")  # as PEFT's get_pattern_key uses it
+                _pattern.check_pattern(p)
             except re.error as exc:
-                raise FormatError(f"{path}: {field} key {p!r} is not a valid regular expression ({exc})") from None
+                raise FormatError(f"{path}: {field} key {p!r:.80} is not a valid regular expression ({exc})") from None
+            except _pattern.PatternError as exc:
+                raise FormatError(f"{path}: {field} key {p!r:.80} {exc}; expected a module name or a plain regex "
+                                  "(reflora matches patterns in bounded time, see reflora.io.peft.pattern_key)"
+                                  ) from None
         cfg[field] = v
     for field in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(cfg.get(field, False), bool):
-            raise FormatError(f"{path}: {field} is {cfg.get(field)!r}; expected true or false")
+            raise FormatError(f"{path}: {field} is {cfg.get(field)!r:.80}; expected true or false")
     return cfg
 
 

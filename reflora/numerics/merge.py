@@ -120,6 +120,10 @@ def _add_lowrank(w: np.ndarray, a64: np.ndarray, b64: np.ndarray, s: float) -> n
 
 
 def _apply(W, A, B, s, bias, lora_bias, fan_in_fan_out):
+    if not isinstance(fan_in_fan_out, (bool, np.bool_)):
+        raise TypeError(f"fan_in_fan_out is {fan_in_fan_out!r:.80} ({type(fan_in_fan_out).__name__}); expected "
+                        "True or False")
+    fan_in_fan_out = bool(fan_in_fan_out)
     names = ("W", "A", "B", "bias", "lora_bias")
     arrays = (W, A, B, bias, lora_bias)
     for name, a in zip(names, arrays):

@@ -234,6 +234,7 @@ def atomic_folder(path: Any, build: Callable[[str], None], *, overwrite: bool,
     """
     final = os.path.realpath(os.fspath(path))
     parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
     recover_folder(final)
     if os.path.lexists(final) and not os.path.isdir(final):
         raise NotADirectoryError(f"{final} exists and is not a folder; expected a folder (or a new path)")

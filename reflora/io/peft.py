@@ -29,7 +29,7 @@ from ._keys import (PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, adapter_te
                     metadata_for, parse_key, read_record, unsupported_reason)
 from . import _pattern
 from ._files import read_json
-from .atomic import atomic_write
+from .atomic import atomic_folder, atomic_write, exists_message, owned_names
 from .safetensors import load_tensors, save_tensors
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft", "pattern_key", "read_peft_config", "save_peft"]
@@ -255,7 +255,8 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
 
 
 def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model_name_or_path: str | None = None,
-              fan_in_fan_out: bool = False, task_type: str | None = None, overwrite: bool = True) -> None:
+              fan_in_fan_out: bool = False, task_type: str | None = None, overwrite: bool = True,
+              config_template: Mapping[str, Any] | None = None) -> None:
     """Write a PEFT LoRA directory that ``PeftModel.from_pretrained`` loads.
 
     adapter_model.safetensors holds ``base_model.model.<m>.lora_A.weight``
@@ -274,6 +275,16 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
       fan_in_fan_out: set True for GPT-2 style Conv1D targets (base weight (I, O)).
       task_type: PEFT's task type (e.g. "CAUSAL_LM"), or None.
       overwrite: False refuses to replace existing files.
+      config_template: an adapter_config.json dict whose keys are kept where they
+        still hold (``reflora convert`` passes the source's, so a diff shows only
+        what changed: peft_version, task_type, auto_mapping, target_modules, ...).
+
+    The two files change together: they are written into a fresh folder beside
+    ``directory``, other files of ``directory`` are carried over (hard links),
+    and the new folder takes its place in one step (``reflora.io.atomic``). A
+    reader sees the old pair or the new pair. Where the folder cannot be swapped
+    (a mount point, the working directory, a read-only parent) the files are
+    replaced one by one, and ``load_peft`` refuses a pair from two saves.
 
     Raises:
       ValueError: adapters that disagree on use_rslora (one PEFT config holds
@@ -303,14 +314,16 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
                          "one lora_bias for all modules")
     if not isinstance(fan_in_fan_out, bool):
         raise TypeError(f"fan_in_fan_out is {fan_in_fan_out!r}; expected True or False")
+    if config_template is not None and not isinstance(config_template, Mapping):
+        raise TypeError(f"config_template is {type(config_template).__name__}; expected a mapping (an "
+                        f"{PEFT_CONFIG_NAME} read with json) or None")
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     cfg_path = os.path.join(directory, PEFT_CONFIG_NAME)
     weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
     if not overwrite:
         for p in (cfg_path, weights):
             if os.path.lexists(p):
-                raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
+                raise FileExistsError(exists_message(p))
 
     def most_common(values: list) -> Any:
         return max(sorted(set(values)), key=values.count)
@@ -339,12 +352,58 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
         "modules_to_save": None,
         "init_lora_weights": "gaussian" if inits == {"gaussian"} else True,
     }
-    save_tensors(weights, {**adapter_tensors(mods, "peft"), **_peft_extras(mods)}, metadata=metadata_for(mods, "peft"),
-                 overwrite=overwrite)
+    if config_template is not None:
+        config = _from_template(config, config_template, mods)
+    tensors = {**adapter_tensors(mods, "peft"), **_peft_extras(mods)}
     text = json.dumps(config, indent=2) + "\n"  # not sort_keys: pattern order matters to PEFT
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+    def build(folder: str) -> None:
+        save_tensors(os.path.join(folder, PEFT_WEIGHTS_NAME), tensors, metadata=metadata_for(mods, "peft"))
+        atomic_write(os.path.join(folder, PEFT_CONFIG_NAME), lambda tmp: _write_text(tmp, text), overwrite=True)
 
-    atomic_write(cfg_path, write, overwrite=overwrite)
+    final = os.path.realpath(directory)
+    cwd = os.path.realpath(os.getcwd())
+    if (os.path.ismount(final) or cwd == final or cwd.startswith(final + os.sep)
+            or not os.access(os.path.dirname(final), os.W_OK)):
+        # the folder cannot be swapped (a mount point, the working directory, a read-only parent): write the
+        # two files in place, weights first; load_peft then detects a pair torn by a crash (the config record)
+        os.makedirs(directory, exist_ok=True)
+        build(directory)
+        return
+    atomic_folder(final, build, overwrite=True, keep=owned_names((PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+#: adapter_config.json keys save_peft decides from the adapters (a template's other keys are kept as given).
+_DERIVED = ("peft_type", "use_rslora", "use_dora", "lora_bias", "fan_in_fan_out")
+
+
+def _from_template(config: dict, template: Mapping, mods: Mapping[str, LoraAdapter]) -> dict:
+    """``template`` (e.g. the source's adapter_config.json when converting) with only what must change changed.
+
+    r, lora_alpha, rank_pattern and alpha_pattern stay as given when they give every module its own rank and
+    alpha (as PEFT resolves them); target_modules stays as given; the flags in ``_DERIVED`` come from the adapters.
+    """
+    out = dict(template)
+    for k in _DERIVED:
+        if k != "fan_in_fan_out" or k not in out:
+            out[k] = config[k]
+    try:
+        kept = {k: template.get(k) for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")}
+        rp, ap = dict(kept["rank_pattern"] or {}), dict(kept["alpha_pattern"] or {})
+        same = all(
+            (rp[k] if (k := pattern_key(rp, m)) is not None else kept["r"]) == ad.config.rank
+            and float(ap[k] if (k := pattern_key(ap, m)) is not None else kept["lora_alpha"]) == ad.config.alpha
+            for m, ad in mods.items())
+    except (TypeError, ValueError, re.error):
+        same = False
+    if not same:
+        for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+            out[k] = config[k]
+    if not out.get("target_modules"):
+        out["target_modules"] = config["target_modules"]
+    return out

@@ -18,13 +18,13 @@ Key names live in ``reflora.io._keys``; PEFT folders in ``reflora.io.peft``.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from .._errors import FormatError
+from .._validate import check_real
 from ..adapter import LoraAdapter
 from ..backend import to_numpy
 from ..config import INIT_SCHEMES, LoraConfig
@@ -201,9 +201,7 @@ def _alpha_for(alpha: Any, module: str, where: str) -> float:
         if module not in alpha:
             raise ValueError(f"{where}: alpha has no entry for module {module!r}; got keys {sorted(alpha)}")
         alpha = alpha[module]
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha is {alpha!r}; expected a finite real number (or a mapping module -> alpha)")
-    return float(alpha)
+    return check_real(alpha, "alpha")
 
 
 def load_adapter(path: Any, *, layout: str | None = None, alpha: Any = None, use_rslora: bool | None = None,

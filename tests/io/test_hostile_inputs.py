@@ -470,6 +470,10 @@ def test_reflora_metadata_record_corpus(tmp_path):
      "scale"),
     (lambda: reflora.merge(np.ones((2, 2)), np.ones((1, 2)), np.ones((2, 1)), scale=10**400), ValueError, "scale"),
     (lambda: reflora.SGD(lr=10**400), ValueError, "lr"),
+    (lambda: __import__("reflora.testing", fromlist=["x"]).TolerancePolicy(k=10**400), ValueError, "k is"),
+    (lambda: __import__("reflora.testing", fromlist=["x"]).TolerancePolicy(overrides={"y": {"floor_abs": 10**400}}),
+     ValueError, "floor_abs"),
+    (lambda: reflora.load_adapter(_seed_file(), alpha=10**400), ValueError, "alpha"),
     (lambda: reflora.SGD(lr=1e-3, momentum=float("nan")), ValueError, "momentum"),
     (lambda: reflora.merge(np.ones((2, 2)), np.ones((1, 2)), np.ones((2, 1)), scale=1.0, fan_in_fan_out="False"),
      TypeError, "fan_in_fan_out"),
@@ -479,6 +483,14 @@ def test_reflora_metadata_record_corpus(tmp_path):
     (lambda: reflora.lora_forward(np.ma.ones((2, 2)), np.ones((1, 2)), np.ones((2, 1)), scale=1.0), TypeError,
      "MaskedArray"),
 ])
+def _seed_file() -> str:
+    import tempfile
+
+    p = os.path.join(tempfile.mkdtemp(), "bare.safetensors")
+    save_tensors(p, {"lora_a": np.ones((4, 2)), "lora_b": np.ones((2, 3))})
+    return p
+
+
 def test_api_values_get_a_value_or_type_error_naming_the_field(call, exc, field):
     with pytest.raises(exc) as info:
         call()

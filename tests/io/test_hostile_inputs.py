@@ -460,6 +460,14 @@ def test_reflora_metadata_record_corpus(tmp_path):
 # ---------------------------------------------------------------- API values: a ValueError/TypeError naming the field
 
 
+def _seed_file() -> str:
+    import tempfile
+
+    p = os.path.join(tempfile.mkdtemp(), "bare.safetensors")
+    save_tensors(p, {"lora_a": np.ones((4, 2)), "lora_b": np.ones((2, 3))})
+    return p
+
+
 @pytest.mark.parametrize("call, exc, field", [
     (lambda: reflora.LoraConfig(alpha=10**400), ValueError, "LoraConfig.alpha"),
     (lambda: reflora.LoraConfig(alpha=float("inf")), ValueError, "LoraConfig.alpha"),
@@ -483,14 +491,6 @@ def test_reflora_metadata_record_corpus(tmp_path):
     (lambda: reflora.lora_forward(np.ma.ones((2, 2)), np.ones((1, 2)), np.ones((2, 1)), scale=1.0), TypeError,
      "MaskedArray"),
 ])
-def _seed_file() -> str:
-    import tempfile
-
-    p = os.path.join(tempfile.mkdtemp(), "bare.safetensors")
-    save_tensors(p, {"lora_a": np.ones((4, 2)), "lora_b": np.ones((2, 3))})
-    return p
-
-
 def test_api_values_get_a_value_or_type_error_naming_the_field(call, exc, field):
     with pytest.raises(exc) as info:
         call()

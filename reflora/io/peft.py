@@ -14,10 +14,11 @@ All refusals of PEFT features live in ``UNSUPPORTED_CONFIG``: extend there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -187,8 +188,36 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
       >>> save_peft(d, {"layers.0.q_proj": ad})
       >>> load_peft(d)["layers.0.q_proj"].scale
       8.0
+
+    The two files are read through one open descriptor of the folder (Linux), so a
+    ``save_peft`` that swaps the folder meanwhile cannot hand over one file of each.
     """
     directory = os.fspath(directory)
+    with _pinned(directory) as pinned:
+        try:
+            return _load_peft(pinned, xp=xp, dtype=dtype)
+        except FormatError as exc:
+            if pinned == directory:
+                raise
+            raise FormatError(str(exc).replace(pinned, directory)) from None
+
+
+@contextlib.contextmanager
+def _pinned(directory: str) -> Iterator[str]:
+    """The folder as it is now: a path through an open descriptor (/proc/self/fd), else the path itself."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        yield directory
+        return
+    try:
+        via = f"/proc/self/fd/{fd}"
+        yield via if os.path.isdir(via) else directory
+    finally:
+        os.close(fd)
+
+
+def _load_peft(directory: str, *, xp: Any, dtype: Any) -> dict[str, LoraAdapter]:
     cfg = read_peft_config(directory, allow=("use_dora", "lora_bias"))
     weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
     if not os.path.exists(weights):

@@ -68,7 +68,8 @@ _FLAGS = ((re.compile(r"\boverwrite=True\b"), "--overwrite"),
           (re.compile(r"\blayout='(peft|seed)'"), r"--layout \1"),
           (re.compile(r"\buse_rslora=True\b"), "--use-rslora"),
           (re.compile(r"\b(alpha|layout|module)=(?=$|[\s,.;:)])"), r"--\1"),
-          (re.compile(r"\bfor a PEFT directory use reflora\.load_peft\b"), "for a PEFT folder pass the folder"))
+          (re.compile(r"\bfor a PEFT directory use reflora\.load_peft\b"), "for a PEFT folder pass the folder"),
+          (re.compile(r"\(or overwrite\)"), "(or pass --overwrite)"))
 
 
 def cli_message(text: str) -> str:

@@ -14,11 +14,10 @@ All refusals of PEFT features live in ``UNSUPPORTED_CONFIG``: extend there.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -189,32 +188,30 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
       >>> load_peft(d)["layers.0.q_proj"].scale
       8.0
 
-    The two files are read through one open descriptor of the folder (Linux), so a
-    ``save_peft`` that swaps the folder meanwhile cannot hand over one file of each.
+    The two files are read as one version: ``save_peft`` replaces the folder as a
+    whole, so when the folder at ``directory`` is another one after the read than
+    before it, the read is done again (at most three times).
     """
     directory = os.fspath(directory)
-    with _pinned(directory) as pinned:
+    for attempt in range(3):
+        before = _folder_id(directory)
         try:
-            return _load_peft(pinned, xp=xp, dtype=dtype)
-        except FormatError as exc:
-            if pinned == directory:
-                raise
-            raise FormatError(str(exc).replace(pinned, directory)) from None
+            out = _load_peft(directory, xp=xp, dtype=dtype)
+        except (FormatError, OSError):
+            if attempt < 2 and _folder_id(directory) != before:
+                continue  # swapped while read: read the new version
+            raise
+        if _folder_id(directory) == before:
+            return out
+    raise FormatError(f"{directory}: the folder was replaced during each of three reads; expected it to hold still")
 
 
-@contextlib.contextmanager
-def _pinned(directory: str) -> Iterator[str]:
-    """The folder as it is now: a path through an open descriptor (/proc/self/fd), else the path itself."""
+def _folder_id(directory: str) -> tuple[int, int] | None:
     try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        st = os.stat(directory)
     except OSError:
-        yield directory
-        return
-    try:
-        via = f"/proc/self/fd/{fd}"
-        yield via if os.path.isdir(via) else directory
-    finally:
-        os.close(fd)
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _load_peft(directory: str, *, xp: Any, dtype: Any) -> dict[str, LoraAdapter]:

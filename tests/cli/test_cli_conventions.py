@@ -87,6 +87,7 @@ def test_messages_name_flags_not_keyword_arguments():
                        "reflora.load_peft)") == ("so alpha is unknown; pass --alpha (PEFT's lora_alpha; for a PEFT "
                                                  "folder pass the folder)")
     assert cli_message("got use_rslora=True") == "got --use-rslora"
+    assert cli_message("expected a new folder (or overwrite)") == "expected a new folder (or pass --overwrite)"
 
 
 def test_bare_file_without_alpha_names_the_flag(tmp_path, capsys):

@@ -80,7 +80,7 @@ def _read_validated(path: Any, *, materialise: bool = True) -> tuple[list, dict[
             raise FormatError(header_length_message(where, bytes(prefix), n, size))
         header = bytearray(n)
         _fill(f, memoryview(header), where, "header")
-        entries, metadata = validate_header(bytes(header), size - 8 - n, where)
+        entries, metadata = validate_header(header, size - 8 - n, where)  # a bytearray: no copy
         arrays: dict[str, np.ndarray] = {}
         if materialise:
             for name, hdt, shape, begin, end in entries:

@@ -35,7 +35,8 @@ import time
 import warnings
 from typing import Any, Callable, Iterable
 
-__all__ = ["TMP_TAG", "atomic_folder", "atomic_write", "clean_stale", "exists_message", "recover_folder"]
+__all__ = ["TMP_TAG", "atomic_folder", "atomic_write", "clean_stale", "exists_message", "read_consistently",
+           "recover_folder"]
 
 TMP_TAG = ".reflora-tmp-"
 #: A leftover of a process that is gone is removed once it is this old (seconds); any leftover after a week.
@@ -295,6 +296,37 @@ def _link_or_copy(src: str, dst: str) -> str:
     except OSError:
         shutil.copy2(src, dst)
     return dst
+
+
+def _folder_id(directory: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def read_consistently(directory: str, read: Callable[[], Any], *, attempts: int = 3) -> Any:
+    """``read()`` the files of a folder that ``atomic_folder`` may replace meanwhile, as one version.
+
+    The folder at ``directory`` is a new inode after each replacement, so when it is another
+    one after ``read()`` than before, the read may have mixed two versions (or failed on one
+    that vanished): it is done again, at most ``attempts`` times.
+    """
+    from .._errors import FormatError  # noqa: PLC0415
+
+    for attempt in range(attempts):
+        before = _folder_id(directory)
+        try:
+            out = read()
+        except (ValueError, OSError):
+            if attempt + 1 < attempts and _folder_id(directory) != before:
+                continue  # replaced while read: read the new version
+            raise
+        if _folder_id(directory) == before:
+            return out
+    raise FormatError(f"{directory}: the folder was replaced during each of {attempts} reads; expected it to "
+                      "hold still")
 
 
 def owned_names(names: Iterable[str]) -> Callable[[str], bool]:

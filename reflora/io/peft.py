@@ -29,7 +29,7 @@ from ._keys import (PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, adapter_te
                     metadata_for, parse_key, read_record, unsupported_reason)
 from . import _pattern
 from ._files import read_json
-from .atomic import atomic_folder, atomic_write, exists_message, owned_names
+from .atomic import atomic_folder, atomic_write, exists_message, owned_names, read_consistently
 from .safetensors import load_tensors, save_tensors
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft", "pattern_key", "read_peft_config", "save_peft"]
@@ -193,25 +193,7 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
     before it, the read is done again (at most three times).
     """
     directory = os.fspath(directory)
-    for attempt in range(3):
-        before = _folder_id(directory)
-        try:
-            out = _load_peft(directory, xp=xp, dtype=dtype)
-        except (FormatError, OSError):
-            if attempt < 2 and _folder_id(directory) != before:
-                continue  # swapped while read: read the new version
-            raise
-        if _folder_id(directory) == before:
-            return out
-    raise FormatError(f"{directory}: the folder was replaced during each of three reads; expected it to hold still")
-
-
-def _folder_id(directory: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(directory)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
+    return read_consistently(directory, lambda: _load_peft(directory, xp=xp, dtype=dtype))
 
 
 def _load_peft(directory: str, *, xp: Any, dtype: Any) -> dict[str, LoraAdapter]:
@@ -388,6 +370,7 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
         atomic_write(os.path.join(folder, PEFT_CONFIG_NAME), lambda tmp: _write_text(tmp, text), overwrite=True)
 
     final = os.path.realpath(directory)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
     cwd = os.path.realpath(os.getcwd())
     if (os.path.ismount(final) or cwd == final or cwd.startswith(final + os.sep)
             or not os.access(os.path.dirname(final), os.W_OK)):

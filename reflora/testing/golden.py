@@ -288,6 +288,13 @@ def check_golden(directory: str, results: str) -> tuple[list[dict], bool]:
       ValueError: the golden folder is missing; FormatError (a ValueError): its manifest or a golden
         file is not this format.
     """
+    from ..io.atomic import read_consistently  # noqa: PLC0415
+
+    # write_golden replaces the folder as a whole: never grade with one version's manifest and another's cases
+    return read_consistently(directory, lambda: _check_golden(directory, results))
+
+
+def _check_golden(directory: str, results: str) -> tuple[list[dict], bool]:
     manifest = _read_manifest(directory)
     rows, ok = [], True
     for case in manifest["cases"]:

@@ -490,3 +490,31 @@ def test_load_peft_reads_one_version_while_save_peft_swaps_the_folder(tmp_path, 
     assert len(calls) == 2  # the torn first read was noticed and done again
     for m, ad in _adapters(1).items():  # the new pair, whole: its config and its weights
         assert got[m].config == ad.config and np.array_equal(got[m].A, ad.A)
+
+
+def test_golden_check_grades_one_version_while_golden_write_swaps_the_folder(tmp_path, monkeypatch):
+    from reflora.testing import golden
+
+    full = golden.golden_cases
+    monkeypatch.setattr(golden, "golden_cases", lambda seed=0: [c for i, c in enumerate(full(seed)) if i in (0, 13)])
+    g, results = tmp_path / "g", tmp_path / "results"
+    names = golden.write_golden(str(g), seed=1)
+    results.mkdir()
+    for name in names:  # perfect results for the seed-1 cases
+        t, _ = load_tensors(g / f"{name}.safetensors", xp="numpy")
+        save_tensors(results / f"{name}.safetensors", {k: v for k, v in t.items() if k in
+                                                       ("y", "dx") or k.startswith(("d_", "sgd."))})
+    golden.write_golden(str(g), seed=0)
+    real = golden.load_tensors
+    calls = []
+
+    def swap_then_load(path, **kw):  # golden write replaces the folder after check read the old manifest
+        calls.append(path)
+        if len(calls) == 1:
+            golden.write_golden(str(g), seed=1)
+        return real(path, **kw)
+
+    monkeypatch.setattr(golden, "load_tensors", swap_then_load)
+    rows, ok = golden.check_golden(str(g), str(results))
+    assert ok, rows  # graded against the seed-1 version as a whole
+    assert len(calls) > 2 * len(names)  # the first, torn read was done again

@@ -107,6 +107,10 @@ def clean_stale(folder: str, *, now: float | None = None) -> list[str]:
             age = now - e.stat(follow_symlinks=False).st_mtime
         except (ValueError, IndexError, OSError):
             continue
+        if e.name.endswith(".old"):  # a folder's previous version: the only copy if a swap was cut short
+            owner = _tmp_owner(e.name, folder)
+            if owner is None or not os.path.lexists(os.path.join(folder, owner)):
+                continue  # recover_folder puts it back on the next write of that folder
         if (pid != os.getpid() and not _pid_alive(pid) and age > STALE_DEAD_S) or age > STALE_ANY_S:
             try:
                 _remove(e.path)
@@ -209,16 +213,32 @@ def _old_name(final: str) -> str:
     return _tmp_path(final, ".old")
 
 
+def _tmp_owner(entry: str, folder: str) -> str | None:
+    """The destination a temporary name ``.<name>.reflora-tmp-...`` was made for, when it can be told."""
+    head = entry[1:entry.rindex(TMP_TAG)]
+    if len(head.encode("utf-8", "surrogateescape")) < _name_max(folder) - 64:
+        return head  # not cut by _tmp_path: the whole destination name
+    return None
+
+
 def recover_folder(final: str) -> None:
     """Put back a folder that a crash left under a temporary ``.old`` name (two-rename fallback only)."""
     if os.path.lexists(final):
         return
     parent, name = os.path.split(final)
-    prefix = "." + name.encode("utf-8", "surrogateescape")[:_name_max(parent) - 40].decode("utf-8", "ignore")
-    olds = sorted((e for e in os.scandir(parent) if e.name.startswith(prefix) and TMP_TAG in e.name
-                   and e.name.endswith(".old")), key=lambda e: e.stat(follow_symlinks=False).st_mtime)
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    olds = []
+    for e in entries:
+        if e.name.startswith(".") and TMP_TAG in e.name and e.name.endswith(".old"):
+            owner = _tmp_owner(e.name, parent)
+            if owner == name or (owner is None and name.startswith(e.name[1:e.name.rindex(TMP_TAG)])):
+                olds.append(e)
     if olds:
-        os.rename(olds[-1].path, final)
+        newest = max(olds, key=lambda e: e.stat(follow_symlinks=False).st_mtime)
+        os.rename(newest.path, final)
 
 
 def atomic_folder(path: Any, build: Callable[[str], None], *, overwrite: bool,

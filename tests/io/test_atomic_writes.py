@@ -518,3 +518,21 @@ def test_golden_check_grades_one_version_while_golden_write_swaps_the_folder(tmp
     rows, ok = golden.check_golden(str(g), str(results))
     assert ok, rows  # graded against the seed-1 version as a whole
     assert len(calls) > 2 * len(names)  # the first, torn read was done again
+
+
+def test_a_folder_swap_cut_short_is_kept_for_recovery_not_cleaned(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "STALE_DEAD_S", -1.0)
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "f").write_text("old")
+    old = tmp_path / f".g{TMP_TAG}{dead}-abcd1234.old"
+    os.rename(tmp_path / "g", old)  # a writer died between its two renames: the only copy is here
+    save_tensors(tmp_path / "sibling.safetensors", {"w": np.ones(1)})  # another write into the same folder
+    assert old.exists()
+    reflora.save_peft(tmp_path / "golden", _adapters(0))  # a folder with another name is not restored from it
+    assert old.exists() and not (tmp_path / "g").exists()
+    atomic.recover_folder(str(tmp_path / "g"))
+    assert (tmp_path / "g" / "f").read_text() == "old" and not old.exists()

@@ -50,11 +50,11 @@ from .._errors import FormatError
 from ..numerics.merge import merge
 from ..numerics.rounding import BF16
 from ..ops.dora import dora_merge
+from ._files import open_regular, read_json
+from ._keys import check_module_path, check_pair_dtypes
 from .atomic import atomic_write
 from .peft import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, pattern_key, read_peft_config, seed_file_message
 from .safetensors import load_tensors
-from ._files import open_regular, read_json
-from ._keys import check_module_path, check_pair_dtypes
 from .safetensors_header import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, header_length_message, validate_header
 
 __all__ = ["INDEX_NAME", "merge_model"]

@@ -25,10 +25,10 @@ from .._errors import FormatError
 from .._validate import check_real
 from ..adapter import LoraAdapter
 from ..backend import asarray, to_numpy
-from ._keys import (PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, adapter_tensors, as_mapping, build_adapter,
-                    metadata_for, parse_key, read_record, unsupported_reason)
 from . import _pattern
 from ._files import read_json
+from ._keys import (PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, adapter_tensors, as_mapping, build_adapter,
+                    metadata_for, parse_key, read_record, unsupported_reason)
 from .atomic import atomic_folder, atomic_write, exists_message, owned_names, read_consistently
 from .safetensors import load_tensors, save_tensors
 
@@ -70,7 +70,7 @@ def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
 
 
 def seed_file_message(adapter: str, folder: str) -> str:
-    """What to say when a single adapter file (no adapter_config.json beside it) is given where a PEFT folder is needed."""
+    """The message for a single adapter file (no adapter_config.json beside it) given where a PEFT folder is needed."""
     return (f"{adapter} is an adapter file, and its folder {folder} has no {PEFT_CONFIG_NAME}: expected a PEFT "
             f"adapter folder ({PEFT_CONFIG_NAME} + {PEFT_WEIGHTS_NAME}). Make one with "
             f"`reflora convert {adapter} NEW_DIR --to peft` (add --alpha A if the file has no reflora config) "
@@ -165,6 +165,10 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
     transposes the *base* weight: A and B keep these shapes, so it does not
     change the adapter. Dropout does not apply at inference.
 
+    The two files are read as one version: ``save_peft`` replaces the folder as a
+    whole, so when the folder at ``directory`` is another one after the read than
+    before it, the read is done again (at most three times).
+
     Args:
       directory: the folder ``save_pretrained`` wrote.
       xp: namespace of the returned arrays; None = default backend.
@@ -187,10 +191,6 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
       >>> save_peft(d, {"layers.0.q_proj": ad})
       >>> load_peft(d)["layers.0.q_proj"].scale
       8.0
-
-    The two files are read as one version: ``save_peft`` replaces the folder as a
-    whole, so when the folder at ``directory`` is another one after the read than
-    before it, the read is done again (at most three times).
     """
     directory = os.fspath(directory)
     return read_consistently(directory, lambda: _load_peft(directory, xp=xp, dtype=dtype))

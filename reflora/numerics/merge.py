@@ -127,8 +127,10 @@ def _apply(W, A, B, s, bias, lora_bias, fan_in_fan_out):
     names = ("W", "A", "B", "bias", "lora_bias")
     arrays = (W, A, B, bias, lora_bias)
     for name, a in zip(names, arrays):
-        if a is not None and not hasattr(a, "shape"):
+        if (a is None and name in ("W", "A", "B")) or (a is not None and not hasattr(a, "shape")):
             raise TypeError(f"{name} is {type(a).__name__}; expected an array")
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"{name} is a numpy.ma.MaskedArray; expected a plain array (pass {name}.filled(value))")
     xp = array_namespace(*arrays, names=names)
     w, a, b = _host_float(W, "W"), _host_float(A, "A"), _host_float(B, "B")
     if a.ndim != 2:

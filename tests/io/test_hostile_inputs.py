@@ -491,6 +491,8 @@ def _seed_file() -> str:
     (lambda: reflora.lora_forward(None, np.ones((1, 2)), np.ones((2, 1)), scale=1.0), TypeError, "x is NoneType"),
     (lambda: reflora.lora_forward(np.ma.ones((2, 2)), np.ones((1, 2)), np.ones((2, 1)), scale=1.0), TypeError,
      "MaskedArray"),
+    (lambda: reflora.merge(np.ma.ones((2, 2)), np.ones((1, 2)), np.ones((2, 1)), scale=1.0), TypeError, "MaskedArray"),
+    (lambda: reflora.merge(None, np.ones((1, 2)), np.ones((2, 1)), scale=1.0), TypeError, "W is NoneType"),
 ])
 def test_api_values_get_a_value_or_type_error_naming_the_field(call, exc, field):
     with pytest.raises(exc) as info:

@@ -10,9 +10,12 @@ from .adapter import LoraAdapter
 from .backend import asarray, get_namespace
 from .config import LoraConfig
 from .io.layouts import load_adapter, save_adapter
+from .io.model_merge import merge_model
 from .io.peft import load_peft, save_peft
 from .io.safetensors import load_tensors, save_tensors
+from .numerics.bounds import LoraErrorBounds, lora_error_bounds
 from .numerics.merge import Merged, merge, unmerge
+from .numerics.rounding import round_to_dtype
 from .ops.dora import DoraCache, DoraGrads, DoraMerged, dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
 from .ops.dropout import dropout_mask
 from .ops.init import init_lora
@@ -25,47 +28,50 @@ from .optim.sgd import SGD, SGDState
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGD",
-    "FormatError",
-    "LoraAdapter",
-    "LoraCache",
-    "LoraConfig",
-    "LoraGrads",
-    "SGDState",
-    "asarray",
-    "get_namespace",
-    "init_lora",
-    "load_adapter",
-    "load_peft",
-    "load_tensors",
-    "lora_backward",
-    "lora_forward",
-    "mse_loss",
-    "save_adapter",
-    "save_peft",
-    # beyond the basics (issue 5)
-    "LoraBiasCache",
-    "LoraBiasGrads",
     "DoraCache",
     "DoraGrads",
     "DoraMerged",
+    "FormatError",
+    "LoraAdapter",
+    "LoraBiasCache",
+    "LoraBiasGrads",
+    "LoraCache",
+    "LoraConfig",
+    "LoraErrorBounds",
+    "LoraGrads",
     "LoraLayer",
     "Merged",
     "Resized",
+    "SGD",
+    "SGDState",
     "StackCache",
     "StackGrads",
+    "asarray",
     "dora_backward",
     "dora_forward",
     "dora_merge",
     "dora_unmerge",
     "dora_weight_norm",
     "dropout_mask",
+    "get_namespace",
+    "init_lora",
+    "load_adapter",
+    "load_peft",
+    "load_tensors",
+    "lora_backward",
     "lora_bias_backward",
     "lora_bias_forward",
+    "lora_error_bounds",
+    "lora_forward",
     "merge",
+    "merge_model",
+    "mse_loss",
     "resize_rank",
+    "round_to_dtype",
+    "save_adapter",
+    "save_peft",
+    "save_tensors",
     "stack_backward",
     "stack_forward",
     "unmerge",
-    "save_tensors",
 ]

@@ -50,18 +50,10 @@ class LoraAdapter:
                  W: Any = None, bias: Any = None):
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config is {type(config).__name__}; expected reflora.LoraConfig")
-        self.xp = normalize_xp(xp)
-        self.dtype = resolve_dtype(self.xp, dtype)
-        self.config = config
-        self.A, self.B = init_lora(config, seed=seed, xp=self.xp, dtype=self.dtype)
-        I, O = config.in_features, config.out_features
-        self.W = None if W is None else self._own(W, "W", (O, I), "(O, I)")
-        self.bias = None if bias is None else self._own(bias, "bias", (O,), "(O,)")
-        self.merged = False
-        self._cache = None
-        self._sgd_state: tuple[SGD | None, SGDState | None] = (None, None)
-        # optional PEFT extras (reflora.ops.dora, reflora.ops.lora_bias); None = plain LoRA
-        self.magnitude, self.lora_bias, self.dora_norm_grad, self._dora_norm = None, None, "detached", None
+        xp = normalize_xp(xp)
+        dtype = resolve_dtype(xp, dtype)
+        A, B = init_lora(config, seed=seed, xp=xp, dtype=dtype)
+        self._build(config, xp, dtype, A, B, W=W, bias=bias)
 
     @classmethod
     def from_arrays(cls, A: Any, B: Any, *, alpha: float, use_rslora: bool = False, W: Any = None,
@@ -80,16 +72,25 @@ class LoraAdapter:
         R, I = A.shape
         config = LoraConfig(rank=R, alpha=alpha, in_features=I, out_features=B.shape[0],
                             use_rslora=use_rslora, init=init)
-        self = cls.__new__(cls)
-        self.xp, self.dtype, self.config = xp, A.dtype, config
+        self = cls.__new__(cls)  # not __init__: it would draw new A, B
+        self._build(config, xp, A.dtype, A, B, W=W, bias=bias, magnitude=magnitude, lora_bias=lora_bias)
+        return self
+
+    def _build(self, config: LoraConfig, xp: Any, dtype: Any, A: Any, B: Any, *, W: Any, bias: Any,
+               magnitude: Any = None, lora_bias: Any = None) -> None:
+        """The one place that sets every attribute (``__init__`` and ``from_arrays`` both end here)."""
+        self.xp, self.dtype, self.config = xp, dtype, config
         self.A, self.B = A, B
-        self.W = None if W is None else self._own(W, "W", (B.shape[0], I), "(O, I)")
-        self.bias = None if bias is None else self._own(bias, "bias", (B.shape[0],), "(O,)")
-        self.merged, self._cache, self._sgd_state = False, None, (None, None)
+        I, O = config.in_features, config.out_features
+        self.W = None if W is None else self._own(W, "W", (O, I), "(O, I)")
+        self.bias = None if bias is None else self._own(bias, "bias", (O,), "(O,)")
+        self.merged = False
+        self._cache = None
+        self._sgd_state: tuple[SGD | None, SGDState | None] = (None, None)
+        # optional PEFT extras (reflora.ops.dora, reflora.ops.lora_bias); None = plain LoRA
         self.dora_norm_grad, self._dora_norm = "detached", None
         self.magnitude = None if magnitude is None else self._extra(magnitude, "magnitude")
         self.lora_bias = None if lora_bias is None else self._extra(lora_bias, "lora_bias")
-        return self
 
     def _extra(self, a: Any, name: str) -> Any:
         O = self.B.shape[0]
@@ -139,10 +140,10 @@ class LoraAdapter:
             if self.lora_bias is not None:
                 raise ValueError("DoRA with lora_bias is not supported (PEFT's merge of the pair disagrees with "
                                  "its own forward)")
-            y, self._cache = dora_forward(x, self.A, self.B, self.magnitude, self.W, scale=self.scale,
-                                          bias=self.bias, dropout_mask=dropout_mask, norm_grad=self.dora_norm_grad)
+            y, self._cache = dora_forward(x, self.A, self.B, magnitude=self.magnitude, W=self.W, scale=self.scale,
+                                          bias=self.bias, dropout_mask=dropout_mask)
         elif self.lora_bias is not None:
-            y, self._cache = lora_bias_forward(x, self.A, self.B, self.lora_bias, scale=self.scale, W=self.W,
+            y, self._cache = lora_bias_forward(x, self.A, self.B, lora_bias=self.lora_bias, scale=self.scale, W=self.W,
                                                bias=self.bias, dropout_mask=dropout_mask)
         else:
             y, self._cache = lora_forward(x, self.A, self.B, scale=self.scale, W=self.W, bias=self.bias,
@@ -156,7 +157,7 @@ class LoraAdapter:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first (and an unmerged adapter)")
         if isinstance(self._cache, DoraCache):
-            return dora_backward(dy, self._cache)  # DoraGrads(dx, dA, dB, dm)
+            return dora_backward(dy, self._cache, norm_grad=self.dora_norm_grad)  # DoraGrads(dx, dA, dB, dm)
         if isinstance(self._cache, LoraBiasCache):
             return lora_bias_backward(dy, self._cache)  # LoraBiasGrads(dx, dA, dB, dlora_bias)
         return lora_backward(dy, self._cache)
@@ -224,7 +225,7 @@ class LoraAdapter:
             raise RuntimeError("the adapter is already merged")
         if self.magnitude is not None:
             # W <- RN((m / n) (W + s B A)); n is kept for unmerge (W' alone does not determine it)
-            res = dora_merge(self.W, self.A, self.B, self.magnitude, scale=self.scale)
+            res = dora_merge(self.W, self.A, self.B, magnitude=self.magnitude, scale=self.scale)
             self.W, self._dora_norm = res.weight, res.norm
         else:
             self.W, self.bias = merge(self.W, self.A, self.B, scale=self.scale, bias=self.bias,
@@ -238,7 +239,8 @@ class LoraAdapter:
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
         if self.magnitude is not None:
-            self.W = dora_unmerge(self.W, self.A, self.B, self.magnitude, scale=self.scale, norm=self._dora_norm)
+            self.W = dora_unmerge(self.W, self.A, self.B, magnitude=self.magnitude, scale=self.scale,
+                                  norm=self._dora_norm)
         else:
             self.W, self.bias = unmerge(self.W, self.A, self.B, scale=self.scale, bias=self.bias,
                                         lora_bias=self.lora_bias)

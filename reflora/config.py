@@ -39,7 +39,9 @@ class LoraConfig:
       init: "kaiming_uniform" (PEFT/loralib default) or "gaussian".
 
     Raises:
-      ValueError: a field with an invalid value; the message names the field.
+      TypeError: a field of the wrong type (rank 2.0, alpha "16", use_rslora 1).
+      ValueError: a field with an invalid value (rank 0, alpha NaN, an unknown init);
+        either message names the field.
 
     Example:
       >>> LoraConfig().scale
@@ -59,13 +61,16 @@ class LoraConfig:
         for name in ("rank", "in_features", "out_features"):
             value = getattr(self, name)
             if not _is_int(value):
-                raise ValueError(f"LoraConfig.{name} is {value!r} ({type(value).__name__}); expected an int >= 1")
+                raise TypeError(f"LoraConfig.{name} is {value!r} ({type(value).__name__}); expected an int >= 1")
             if value < 1:
                 raise ValueError(f"LoraConfig.{name} is {value}; expected an int >= 1")
             object.__setattr__(self, name, int(value))  # NumPy integers become plain ints
         object.__setattr__(self, "alpha", check_real(self.alpha, "LoraConfig.alpha"))
         if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoraConfig.use_rslora is {self.use_rslora!r}; expected True or False")
+            raise TypeError(f"LoraConfig.use_rslora is {self.use_rslora!r}; expected True or False")
+        if not isinstance(self.init, str):
+            raise TypeError(f"LoraConfig.init is {self.init!r} ({type(self.init).__name__}); expected one of "
+                            f"{INIT_SCHEMES}")
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"LoraConfig.init is {self.init!r}; expected one of {INIT_SCHEMES}")
 
@@ -88,9 +93,9 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LoraConfig":
-        """Inverse of ``to_dict``; unknown keys are a ValueError naming them."""
+        """Inverse of ``to_dict``; unknown keys are a ValueError naming them, a non-mapping a TypeError."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"LoraConfig.from_dict takes a mapping; got {type(data).__name__}")
+            raise TypeError(f"LoraConfig.from_dict data is {type(data).__name__}; expected a mapping of field -> value")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -115,6 +115,19 @@ def test_from_arrays_and_errors():
     assert "rank=2" in repr(ad) and reflora.LoraAdapter is LoraAdapter
 
 
+
+def test_from_arrays_sets_every_attribute_init_sets():
+    # one private constructor builds both: an attribute added to one path cannot go missing in the other
+    cfg = LoraConfig(rank=2, in_features=4, out_features=3)
+    made = LoraAdapter(cfg, xp="numpy", dtype="float64", W=np.ones((3, 4)), bias=np.zeros(3))
+    wrapped = LoraAdapter.from_arrays(made.A, made.B, alpha=cfg.alpha, W=made.W, bias=made.bias)
+    assert vars(wrapped).keys() == vars(made).keys()
+    for k in ("A", "B", "W", "bias"):
+        np.testing.assert_array_equal(getattr(wrapped, k), getattr(made, k))
+    for k in ("dtype", "merged", "_cache", "_sgd_state", "dora_norm_grad", "_dora_norm", "magnitude", "lora_bias"):
+        assert getattr(wrapped, k) == getattr(made, k), k
+    assert wrapped.config == made.config
+
 def _extras(xp, *, dora, lora_bias, seed=4):
     rng = np.random.default_rng(seed)
     O, I, R = 5, 8, 3
@@ -140,12 +153,12 @@ def test_dora_and_lora_bias_paths_are_the_functions(xp, kind):
     y = ad.forward(q["x"], dropout_mask=q["mask"])
     g = ad.backward(q["dy"])
     if kind == "dora":
-        y2, c2 = reflora.dora_forward(q["x"], q["A"], q["B"], q["m"], q["W"], scale=s, bias=q["bias"],
+        y2, c2 = reflora.dora_forward(q["x"], q["A"], q["B"], magnitude=q["m"], W=q["W"], scale=s, bias=q["bias"],
                                       dropout_mask=q["mask"])
         g2 = reflora.dora_backward(q["dy"], c2)
         extra, dextra = "m", g.dm
     else:
-        y2, c2 = reflora.lora_bias_forward(q["x"], q["A"], q["B"], q["c"], scale=s, W=q["W"], bias=q["bias"],
+        y2, c2 = reflora.lora_bias_forward(q["x"], q["A"], q["B"], lora_bias=q["c"], scale=s, W=q["W"], bias=q["bias"],
                                            dropout_mask=q["mask"])
         g2 = reflora.lora_bias_backward(q["dy"], c2)
         extra, dextra = "lora_bias", g.dlora_bias
@@ -169,7 +182,7 @@ def test_dora_and_lora_bias_paths_are_the_functions(xp, kind):
     W0, b0 = to_numpy(ad.W).copy(), to_numpy(ad.bias).copy()
     ad.merge()
     if kind == "dora":
-        _same(ad.W, reflora.dora_merge(q["W"], ad.A, ad.B, ad.magnitude, scale=s).weight)
+        _same(ad.W, reflora.dora_merge(q["W"], ad.A, ad.B, magnitude=ad.magnitude, scale=s).weight)
         _same(ad.bias, b0)
     else:
         ref = reflora.merge(q["W"], ad.A, ad.B, scale=s, bias=q["bias"], lora_bias=ad.lora_bias)

@@ -47,13 +47,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._errors import FormatError
-from ..numerics.merge import merge
+from ..numerics.merge import dora_merge, merge
 from ..numerics.rounding import BF16
-from ..ops.dora import dora_merge
+from ._config import seed_file_message
 from ._files import open_regular, read_json
 from ._keys import check_module_path, check_pair_dtypes
 from .atomic import atomic_write
-from .peft import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, pattern_key, read_peft_config, seed_file_message
+from .peft import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, pattern_key, read_peft_config
 from .safetensors import load_tensors
 from .safetensors_header import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, header_length_message, validate_header
 
@@ -247,7 +247,7 @@ def _merged_tensor(arr: np.ndarray, job: _Job, what: str, bias_arr: Any = None) 
         return merge(np.zeros((O, 0), arr.dtype), np.zeros((0, 0)), np.zeros((O, 0)), scale=job.scale,
                      bias=arr, lora_bias=job.lora_bias).bias
     if job.magnitude is not None:
-        return dora_merge(arr, job.A, job.B, job.magnitude, scale=job.scale).weight
+        return dora_merge(arr, job.A, job.B, magnitude=job.magnitude, scale=job.scale).weight
     return merge(arr, job.A, job.B, scale=job.scale, fan_in_fan_out=job.fan_in_fan_out).weight
 
 

@@ -18,9 +18,9 @@ with |.| taken entrywise:
     y   <= gamma_{I+2} |x||W|^T + u |bias| + gamma_{I+R+4} |s| (|xm||A|^T)|B|^T
     dB  <= gamma_{N+I+2} |s| |dy|^T (|xm||A|^T)
     dA  <= gamma_{N+O+2} |s| (|dy||B|)^T |xm|
-    dx  <= gamma_{O+R+3} |s| ((|dy||B|)|A|) |m| + gamma_{O+1} |dy||W|
+    dx  <= gamma_{O+R+3} |s| ((|dy||B|)|A|) |mask| + gamma_{O+1} |dy||W|
 
-with xm = x * m (m = 1 without dropout). Below the normal range a rounding can
+with xm = x * mask (mask = 1 without dropout). Below the normal range a rounding can
 also lose an absolute amount eta (the smallest normal number, which covers
 flush-to-zero too): each dot product of length K adds 2 K eta, carried through
 the products that follow (Higham, section 2.1's model fl(a op b) = (a op b)(1 +
@@ -102,7 +102,7 @@ def lora_error_bounds(x, A, B, *, scale: float, dy=None, W=None, bias=None, drop
     # an input's absolute error is carried through the |.| products after it.
     # The factor 2 on the sums covers the (1 + gamma) that multiplies them.
     eta = underflow_unit(dtype if dtype is not None else to_numpy(x).dtype)
-    e_xm = eta if am is not None else 0.0                      # x * m
+    e_xm = eta if am is not None else 0.0                      # x * mask
     e_hs = s * (2 * I * eta + e_xm * aA.sum(axis=1)) + eta     # per r: hs = s (xm A^T)
     y = gamma(I + R + 4, u) * s * (h @ aB.T) + 2 * (2 * R * eta + aB @ e_hs + 2 * eta)
     if aW is not None:

@@ -19,6 +19,11 @@ number nearest to W + s B A, within 0.5 ulp. How:
    practice, but easy to construct) the element is recomputed exactly with
    Python ``fractions.Fraction`` and rounded exactly.
 
+DoRA (``dora_merge``): W' = RN((m / n) (W + s B A)), n = ||W + s B A||_row,
+rounded once from float64 to W's dtype; ``dora_unmerge`` needs n from merge time
+(W' alone does not determine it: ||W'_o|| = |m_o|), as PEFT caches it. Neither is
+certified correctly rounded (sqrt and division are involved).
+
 RN_dtype from float64 is itself done with care: ml_dtypes (and torch) convert
 float64 -> bfloat16 through float32, which rounds twice. For example
 1 + 2^-8 + 2^-30 becomes 1.0 instead of 1 + 2^-7. reflora rounds to float32
@@ -57,11 +62,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._validate import _check_scale
-from ..backend import array_namespace, to_numpy
+from .._validate import (_check_arrays, _check_lowrank, _check_row_norms, _check_scale, _check_vector,
+                         _legacy_arguments)
+from ..backend import to_numpy
 from .rounding import BF16, certainly_rounded, round_fraction, round_to_dtype
 
-__all__ = ["Merged", "merge", "unmerge"]
+__all__ = ["DoraMerged", "Merged", "dora_merge", "dora_unmerge", "merge", "unmerge"]
 
 _U = 2.0 ** -53
 # float64 work per block of rows in the merge loop (at least one row). Small on purpose: it
@@ -75,6 +81,13 @@ class Merged(NamedTuple):
 
     weight: Any
     bias: Any
+
+
+class DoraMerged(NamedTuple):
+    """The merged weight (W's dtype) and the row norms n (float64, host) that ``dora_unmerge`` needs."""
+
+    weight: Any
+    norm: Any
 
 
 def _host_float(a: Any, name: str) -> np.ndarray:
@@ -124,25 +137,12 @@ def _apply(W, A, B, s, bias, lora_bias, fan_in_fan_out):
         raise TypeError(f"fan_in_fan_out is {fan_in_fan_out!r:.80} ({type(fan_in_fan_out).__name__}); expected "
                         "True or False")
     fan_in_fan_out = bool(fan_in_fan_out)
-    names = ("W", "A", "B", "bias", "lora_bias")
-    arrays = (W, A, B, bias, lora_bias)
-    for name, a in zip(names, arrays):
-        if (a is None and name in ("W", "A", "B")) or (a is not None and not hasattr(a, "shape")):
-            raise TypeError(f"{name} is {type(a).__name__}; expected an array")
-        if isinstance(a, np.ma.MaskedArray):
-            raise TypeError(f"{name} is a numpy.ma.MaskedArray; expected a plain array (pass {name}.filled(value))")
-    xp = array_namespace(*arrays, names=names)
+    for name, a in (("W", W), ("A", A), ("B", B)):
+        if a is None:
+            raise TypeError(f"{name} is NoneType; expected an array")
+    xp = _check_arrays(("W", "A", "B", "bias", "lora_bias"), (W, A, B, bias, lora_bias))
     w, a, b = _host_float(W, "W"), _host_float(A, "A"), _host_float(B, "B")
-    if a.ndim != 2:
-        raise ValueError(f"A has shape {a.shape}; expected (R, I)")
-    R, I = a.shape
-    if b.ndim != 2 or b.shape[1] != R:
-        raise ValueError(f"B has shape {b.shape}; expected (O, R) = (O, {R}), R taken from A")
-    O = b.shape[0]
-    want = (I, O) if fan_in_fan_out else (O, I)
-    if w.shape != want:
-        letters = "(I, O)" if fan_in_fan_out else "(O, I)"
-        raise ValueError(f"W has shape {w.shape}; expected {letters} = {want}, O taken from B and I from A")
+    R, I, O = _check_lowrank(w, a, b, fan_in_fan_out=fan_in_fan_out)
     w_OI = w.T if fan_in_fan_out else w
     merged = _add_lowrank(w_OI, a.astype(np.float64), b.astype(np.float64), s)
     if fan_in_fan_out:
@@ -153,9 +153,8 @@ def _apply(W, A, B, s, bias, lora_bias, fan_in_fan_out):
             raise ValueError("lora_bias was given but bias is None; expected the base bias (O,) to fold s c into "
                              "(PEFT refuses lora_bias on a layer without bias too)")
         hb, hc = _host_float(bias, "bias"), _host_float(lora_bias, "lora_bias")
-        for name, v in (("bias", hb), ("lora_bias", hc)):
-            if v.shape != (O,):
-                raise ValueError(f"{name} has shape {v.shape}; expected (O,) = ({O},), O taken from B")
+        _check_vector("bias", hb, O)
+        _check_vector("lora_bias", hc, O)
         # bias + s c is the merge of a rank-1 update with A = [[1]] and B = c
         new_bias = xp.asarray(_add_lowrank(hb[:, None], np.ones((1, 1)), hc.astype(np.float64)[:, None], s)[:, 0])
     return Merged(xp.asarray(merged) if not isinstance(W, np.ndarray) else merged, new_bias)
@@ -209,3 +208,99 @@ def unmerge(W, A, B, *, scale, bias=None, lora_bias=None, fan_in_fan_out=False) 
       [[1.0]]
     """
     return _apply(W, A, B, -_check_scale(scale), bias, lora_bias, fan_in_fan_out)
+
+
+def dora_row_norms(xp: Any, W: Any, A: Any, B: Any, s: float) -> tuple[Any, Any]:
+    """(V, n): the adapted weight V = W + s B A (O x I) and its row norms n = ||V_o||_2 (O,), in xp."""
+    # V = W + s B A: the O x I adapted weight (DoRA's norm needs it; PEFT forms it too)
+    V = W + s * xp.matmul(B, A)
+    if V.dtype == getattr(xp, "float16", None):
+        # Note: float16's sum of squares overflows (65504) once a row norm reaches 256; accumulate
+        # in float32 and round n back to float16, as torch.linalg.norm (PEFT's get_weight_norm) does.
+        V32 = xp.astype(V, xp.float32)
+        return V, xp.astype(xp.sqrt(xp.sum(V32 * V32, axis=1)), xp.float16)
+    # n = ||V_o||_2 per output row
+    return V, xp.sqrt(xp.sum(V * V, axis=1))
+
+
+def _dora_operands(func, W, A, B, legacy, magnitude, m):
+    if legacy or m is not None:
+        magnitude = _legacy_arguments(func, legacy, ("magnitude",), {"magnitude": magnitude},
+                                      {"m": ("magnitude", m)}, depth=2)["magnitude"]
+    if magnitude is None:
+        raise TypeError(f"{func}() needs magnitude=, the DoRA magnitude m (O,); got None")
+    xp = _check_arrays(("W", "A", "B", "magnitude"), (W, A, B, magnitude))
+    w = _host_float(W, "W")
+    a, b, mm = (_host_float(v, n).astype(np.float64) for v, n in ((A, "A"), (B, "B"), (magnitude, "magnitude")))
+    _, _, O = _check_lowrank(w, a, b)
+    _check_vector("magnitude", mm, O)
+    return xp, w, a, b, mm
+
+
+def dora_merge(W, A, B, *legacy, magnitude=None, scale, m=None) -> DoraMerged:
+    """Fold a DoRA adapter into W: W' = RN((m / n) * (W + s B A)), n = ||W + s B A||_row.
+
+    Computed in float64 on the host and rounded once to W's dtype (bfloat16
+    included); not certified correctly rounded (see the module docstring).
+    The old form ``dora_merge(W, A, B, m, ...)`` (and ``m=``) still works, with a
+    DeprecationWarning.
+
+    Args:
+      W: (O, I); A: (R, I); B: (O, R); any floating dtypes.
+      magnitude: m, (O,) (PEFT's ``lora_magnitude_vector``).
+      scale: s.
+
+    Returns:
+      ``DoraMerged(weight, norm)``: weight in W's namespace and dtype; norm the
+      float64 host row norms that ``dora_unmerge`` needs.
+
+    Raises:
+      ValueError: shapes that do not fit; a row with n = 0 or n not finite.
+      TypeError: non-arrays, non-floating dtypes or mixed libraries.
+
+    Example:
+      >>> import numpy as np
+      >>> r = dora_merge(np.array([[3.0, 4.0]]), np.zeros((1, 2)), np.zeros((1, 1)), magnitude=np.array([10.0]),
+      ...                scale=1.0)
+      >>> r.weight.tolist(), r.norm.tolist()
+      ([[6.0, 8.0]], [5.0])
+    """
+    s = _check_scale(scale)
+    xp, w, a, b, mm = _dora_operands("dora_merge", W, A, B, legacy, magnitude, m)
+    V, n = dora_row_norms(np, w.astype(np.float64), a, b, s)
+    _check_row_norms(np, n)
+    out = round_to_dtype((mm / n)[:, None] * V, w.dtype)
+    return DoraMerged(out if isinstance(W, np.ndarray) else xp.asarray(out), n)
+
+
+def dora_unmerge(W, A, B, *legacy, magnitude=None, scale, norm, m=None):
+    """Take a DoRA adapter back out: W = RN(W' * (n / m) - s B A), with n from ``dora_merge``.
+
+    Args:
+      W: (O, I) the merged weight W'; A, B, magnitude, scale: as for ``dora_merge``.
+      norm: (O,) the row norms returned by ``dora_merge`` (PEFT caches the same).
+
+    Returns:
+      The unmerged weight in W's namespace and dtype (float64 round trip: equal
+      up to rounding; bfloat16: not an identity, as for ``reflora.unmerge``).
+
+    Raises:
+      ValueError: shapes that do not fit, or a magnitude with a zero entry (n / m undefined).
+
+    Example:
+      >>> import numpy as np
+      >>> W = np.array([[3.0, 4.0]]); A = np.zeros((1, 2)); B = np.zeros((1, 1)); m = np.array([10.0])
+      >>> r = dora_merge(W, A, B, magnitude=m, scale=1.0)
+      >>> dora_unmerge(r.weight, A, B, magnitude=m, scale=1.0, norm=r.norm).tolist()
+      [[3.0, 4.0]]
+    """
+    s = _check_scale(scale)
+    xp, w, a, b, mm = _dora_operands("dora_unmerge", W, A, B, legacy, magnitude, m)
+    n = np.asarray(to_numpy(norm), dtype=np.float64)
+    if n.shape != mm.shape:
+        raise ValueError(f"norm has shape {n.shape}; expected (O,) = {mm.shape}, as returned by dora_merge")
+    if np.any(mm == 0):
+        raise ValueError(f"magnitude is 0 in rows {np.nonzero(mm == 0)[0].tolist()[:10]}; expected m != 0 to "
+                         "unmerge (the merged row is 0 and its direction is lost)")
+    out = round_to_dtype((n / mm)[:, None] * w.astype(np.float64) - s * (b @ a), w.dtype)
+    return out if isinstance(W, np.ndarray) else xp.asarray(out)

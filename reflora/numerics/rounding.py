@@ -2,11 +2,15 @@
 
     round_to_dtype(x, dt)   RN_dt(x), ties to even; bfloat16 through round-to-odd
                             float32 so the one rounding that counts is the last
+    round_to_odd_f32(x)     RO_f32(x): truncate to float32, set the last bit if inexact
     round_fraction(q, dt)   the element of dt nearest to an exact rational q
     certainly_rounded(...)  where a float64 approximation provably rounds like
                             the exact value (no midpoint within its error bound)
 
-BF16 is ml_dtypes' bfloat16 as a NumPy dtype.
+BF16 is ml_dtypes' bfloat16 as a NumPy dtype. Dtype *names* of any namespace
+("float32" for numpy.float32, cupy's or array_api_strict's) are ``reflora.backend.dtype_name``.
+The kit's emulation of low-precision arithmetic (``reflora.testing``) rounds with
+these functions.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["BF16", "certainly_rounded", "round_fraction", "round_to_dtype"]
+__all__ = ["BF16", "certainly_rounded", "round_fraction", "round_to_dtype", "round_to_odd_f32"]
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -48,6 +52,35 @@ def round_to_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
         return x.copy()
     if dt != BF16:
         return x.astype(dt)
+    # round to float32 to odd, then the one rounding to bfloat16 that counts
+    return round_to_odd_f32(x).astype(BF16)
+
+
+def round_to_odd_f32(x: np.ndarray) -> np.ndarray:
+    """Round float64 values to float32 *to odd*: of the two float32 neighbours of x, the odd one.
+
+        RO_f32(x) = x                      when x is a float32
+                    trunc_f32(x) | 1       otherwise: truncate toward zero, then set the
+                                           last bit (the sticky bit; the odd neighbour)
+
+    Rounding to odd with 2 or more extra bits makes a following round-to-nearest
+    correct (Boldo & Melquiond 2008): RN_bf16(RO_f32(x)) = RN_bf16(x), where
+    RN_bf16(RN_f32(x)) can differ (double rounding). NaN stays NaN; a value past
+    float32's range becomes its largest finite value (odd), which still rounds
+    to Inf in bfloat16 as x itself does.
+
+    Args:
+      x: a NumPy array (converted to float64).
+
+    Returns:
+      A new float32 array.
+
+    Example:
+      >>> x = np.array([1 + 2**-8 + 2**-30])     # just above a bfloat16 midpoint
+      >>> float(x.astype(np.float32)[0]) == 1 + 2**-8, float(round_to_odd_f32(x)[0]) > 1 + 2**-8
+      (True, True)
+    """
+    x = np.asarray(x, dtype=np.float64)
     # round to float32 by nearest, then turn it into round-to-odd:
     with np.errstate(over="ignore"):
         f = x.astype(np.float32)
@@ -59,8 +92,7 @@ def round_to_dtype(x: np.ndarray, dtype: Any) -> np.ndarray:
         away = inexact & (np.abs(back) > np.abs(x))
     # truncate, then set the last bit of every inexact result (the sticky bit)
     bits = (f.view(np.uint32) - away.view(np.uint8)) | inexact.view(np.uint8)
-    # then the one rounding to bfloat16 that counts
-    return bits.view(np.float32).astype(BF16)
+    return bits.view(np.float32)
 
 
 def round_fraction(q: Fraction, dt: np.dtype) -> Any:

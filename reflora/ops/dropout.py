@@ -3,12 +3,12 @@
 PEFT applies ``lora_dropout`` to the input of the LoRA branch only; the base
 path x W^T never sees it. With keep probability q = 1 - p the mask is
 
-    m = keep / q,   keep ~ Bernoulli(q) elementwise   (entries 0 or 1/(1-p))
+    mask = keep / q,   keep ~ Bernoulli(q) elementwise   (entries 0 or 1/(1-p))
 
-so E[m] = 1 and the expected LoRA output is unchanged ("inverted" dropout:
+so E[mask] = 1 and the expected LoRA output is unchanged ("inverted" dropout:
 nothing to rescale at evaluation). ``reflora.lora_forward`` takes the mask as
 ``dropout_mask=`` and ``reflora.lora_backward`` backpropagates through it
-(dx_lora = (dh A) * m, dA = dh^T (x * m)); this module only draws masks.
+(dx_lora = (dh A) * mask, dA = dh^T (x * mask)); this module only draws masks.
 
 Draws come from ``numpy.random.Generator(PCG64(seed))`` on the host, so one
 seed gives the same mask bit for bit on NumPy, CuPy and array_api_strict. They
@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import dtype_name, host_rng, normalize_xp, resolve_dtype
+from .._validate import _float_namespace
+from ..backend import dtype_name, host_rng
 
 __all__ = ["dropout_mask"]
 
 
 def dropout_mask(shape: Any, p: float, *, seed: int, xp: Any = None, dtype: Any = "float32") -> Any:
-    """An inverted-dropout mask m of ``shape``: 0 with probability p, else 1/(1-p).
+    """An inverted-dropout mask of ``shape``: 0 with probability p, else 1/(1-p).
 
         keep_i ~ Bernoulli(1 - p) (keep_i = [u_i >= p], u_i ~ U[0, 1) on the host)
         m_i    = keep_i / (1 - p)   (1 - p rounded first, as torch; see Returns)
@@ -73,10 +74,7 @@ def dropout_mask(shape: Any, p: float, *, seed: int, xp: Any = None, dtype: Any 
             raise TypeError(f"shape is {dims!r}; expected a tuple of ints like x.shape")
         if d < 0:
             raise ValueError(f"shape is {dims!r}; expected non-negative dimensions")
-    target = normalize_xp(xp)
-    dt = resolve_dtype(target, dtype)
-    if not target.isdtype(dt, "real floating"):
-        raise TypeError(f"dtype is {dtype!r}; expected a real floating dtype (the dtype of x)")
+    target, dt = _float_namespace(xp, dtype)
     rng = host_rng(seed)
     p = float(p)
     # u ~ U[0, 1): keep when u >= p, i.e. with probability 1 - p

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import dtype_name, host_rng, normalize_xp, resolve_dtype
+from .._validate import _float_namespace
+from ..backend import dtype_name, host_rng
 from ..config import LoraConfig
 
 __all__ = ["init_lora", "kaiming_uniform_bound"]
@@ -60,10 +61,7 @@ def init_lora(config: LoraConfig, *, seed: int, xp: Any = None, dtype: Any = "fl
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config is {type(config).__name__}; expected reflora.LoraConfig")
-    target = normalize_xp(xp)
-    dt = resolve_dtype(target, dtype)
-    if not target.isdtype(dt, "real floating"):
-        raise TypeError(f"dtype is {dtype!r}; expected a real floating dtype")
+    target, dt = _float_namespace(xp, dtype)
     rng = host_rng(seed)
     shape = (config.rank, config.in_features)
     if config.init == "kaiming_uniform":

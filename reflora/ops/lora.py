@@ -11,9 +11,9 @@ Canonical layout is PEFT's: A (R, I), B (O, R), W (O, I), bias (O,). Other
 layouts (the seed's candle A (I, R), B (R, O); fan_in_fan_out) exist only at I/O.
 
 Forward, for a scale s (alpha/R, or alpha/sqrt(R) with rsLoRA) and an optional
-inverted-dropout mask m (entries 0 or 1/(1-p), applied to the LoRA branch only):
+inverted-dropout mask (``dropout_mask``: entries 0 or 1/(1-p), applied to the LoRA branch only):
 
-    xm_NI = x_NI * m_NI                       dropout on the LoRA branch
+    xm_NI = x_NI * mask_NI                    dropout on the LoRA branch
     h_NR  = xm_NI A_RI^T                      down-projection, N x R
     y_NO  = x_NI W_OI^T + bias_O + s h_NR B_OR^T
 
@@ -22,7 +22,7 @@ Backward, given dy_NO = dL/dy (gradients have their parameter's shape):
     dB_OR = s dy_NO^T h_NR
     dh_NR = s dy_NO B_OR
     dA_RI = dh_NR^T xm_NI
-    dx_NI = (dh_NR A_RI) * m_NI + dy_NO W_OI
+    dx_NI = (dh_NR A_RI) * mask_NI + dy_NO W_OI
 
 x A^T is computed first and the O x I product B A is never formed: the LoRA
 branch costs 2NR(I + O) FLOPs, against 2NIO for x (B A)^T after forming B A
@@ -38,9 +38,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-import numpy as np
 
-from .._validate import _check_inputs, _check_scale, _shape
+from .._validate import _check_dy, _check_inputs, _check_scale, _shape
 from ..backend import array_namespace
 from ._fast import add_product, matmul_ops
 
@@ -77,7 +76,7 @@ class LoraCache(NamedTuple):
 
 
 def lora_forward(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
-    """LoRA-adapted linear layer: y = x W^T + bias + s ((x * m) A^T) B^T.
+    """LoRA-adapted linear layer: y = x W^T + bias + s ((x * mask) A^T) B^T.
 
     Args:
       x: (..., I) input; any number of leading dimensions, including none.
@@ -86,7 +85,7 @@ def lora_forward(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
       scale: s, a real number (``LoraConfig.scale``).
       W: optional frozen base weight (O, I); None means no base path.
       bias: optional base bias (O,).
-      dropout_mask: optional (..., I) mask m with x's shape, applied to the
+      dropout_mask: optional (..., I) mask with x's shape, applied to the
         LoRA branch only, already holding the inverted-dropout factor
         1/(1-p) (entries 0 or 1/(1-p)), as PEFT's ``lora_dropout``.
 
@@ -112,7 +111,7 @@ def lora_forward(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
     flat = x.ndim == 2
     x_NI = x if flat else xp.reshape(x, (N, I))
     mask_NI = dropout_mask if dropout_mask is None or flat else xp.reshape(dropout_mask, (N, I))
-    # dropout on the LoRA branch only: xm = x * m
+    # dropout on the LoRA branch only: xm = x * mask
     xm_NI = x_NI if mask_NI is None else x_NI * mask_NI
     # down-projection, scaled while it is small: hs = s (xm A^T), N x R
     hs_NR = s * mm(xm_NI, mT(A))
@@ -136,7 +135,7 @@ def lora_backward(dy, cache):
         dB_OR = s dy^T h            (h = xm A^T from the forward)
         dh_NR = s dy B
         dA_RI = dh^T xm
-        dx_NI = (dh A) * m + dy W   (the last term only when W was given)
+        dx_NI = (dh A) * mask + dy W   (the last term only when W was given)
 
     Args:
       dy: (..., O), the upstream gradient, same namespace and dtype as x.
@@ -160,19 +159,9 @@ def lora_backward(dy, cache):
     if not isinstance(cache, LoraCache):
         raise TypeError(f"cache is {type(cache).__name__}; expected the LoraCache returned by lora_forward")
     x_NI, mask_NI, A, B, W, hs_NR, s, x_shape = cache
-    if type(dy) is np.ndarray and type(x_NI) is np.ndarray:
-        xp = np
-    elif not hasattr(dy, "shape"):
-        raise TypeError(f"dy is {type(dy).__name__}; expected an array")
-    else:
-        xp = array_namespace(dy, x_NI, names=("dy", "x"))
-    if dy.dtype != x_NI.dtype:
-        raise TypeError(f"dy has dtype {dy.dtype}; expected {x_NI.dtype}, the dtype of x")
     N, I = x_NI.shape
     O = B.shape[0]
-    expected = tuple(x_shape[:-1]) + (O,)
-    if _shape(dy) != expected:
-        raise ValueError(f"dy has shape {_shape(dy)}; expected (..., O) = {expected}, the shape of y")
+    xp = _check_dy(dy, x_NI, x_shape, O)
     mm, mT = matmul_ops(xp)
     flat = len(x_shape) == 2
     dy_NO = dy if flat else xp.reshape(dy, (N, O))
@@ -180,16 +169,16 @@ def lora_backward(dy, cache):
     dB = mm(mT(dy_NO), hs_NR)
     # dh = s dy B: gradient at the rank-R bottleneck
     dh_NR = s * mm(dy_NO, B)
-    # dA = dh^T xm, recomputing xm = x * m (cheaper than caching N x I)
+    # dA = dh^T xm, recomputing xm = x * mask (cheaper than caching N x I)
     xm_NI = x_NI if mask_NI is None else x_NI * mask_NI
     dA = mm(mT(dh_NR), xm_NI)
     if W is None:
-        # dx through the LoRA branch: (dh A) * m
+        # dx through the LoRA branch: (dh A) * mask
         dx_NI = mm(dh_NR, A)
         if mask_NI is not None:
             dx_NI = dx_NI * mask_NI
     else:
-        # dx through the base path dy W, then the LoRA branch (dh A) * m added into it
+        # dx through the base path dy W, then the LoRA branch (dh A) * mask added into it
         dx_NI = add_product(mm(dy_NO, W), dh_NR, A, xp=xp, mm=mm, mask=mask_NI)
     return LoraGrads(dx_NI if flat else xp.reshape(dx_NI, x_shape), dA, dB)
 

@@ -4,7 +4,7 @@ With ``LoraConfig(lora_bias=True)`` PEFT builds lora_B as ``nn.Linear(R, O,
 bias=True)``, so the LoRA branch is lora_B(lora_A(x_d)) * s and its bias c
 (shape (O,), PEFT key ``...lora_B.bias``) is scaled by s too:
 
-    y_NO  = x_NI W_OI^T + bias_O + s ((x_NI * m_NI) A_RI^T B_OR^T + c_O)
+    y_NO  = x_NI W_OI^T + bias_O + s ((x_NI * mask_NI) A_RI^T B_OR^T + c_O)
 
 Backward adds one gradient to ``reflora.lora_backward``'s three:
 
@@ -20,9 +20,10 @@ These functions are built on ``reflora.ops.lora``: the forward calls
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
-from .._validate import _check_scale
+from .._validate import _check_scale, _check_vector, _legacy_arguments
 from ..backend import array_namespace
 from .lora import LoraCache, lora_backward, lora_forward
 
@@ -39,17 +40,25 @@ class LoraBiasGrads(NamedTuple):
 
 
 class LoraBiasCache(NamedTuple):
-    """The core's ``LoraCache`` (the scale is in it)."""
+    """The LoRA branch's ``LoraCache`` (the scale is in it), as ``DoraCache.lora``."""
 
-    core: LoraCache
+    lora: LoraCache
+
+    @property
+    def core(self) -> LoraCache:
+        """Deprecated spelling of ``lora``."""
+        warnings.warn("LoraBiasCache.core is deprecated; use LoraBiasCache.lora", DeprecationWarning, stacklevel=2)
+        return self.lora
 
 
-def lora_bias_forward(x, A, B, lora_bias, *, scale, W=None, bias=None, dropout_mask=None):
-    """LoRA layer with PEFT's lora_bias: y = x W^T + bias + s ((x * m) A^T B^T + c).
+def lora_bias_forward(x, A, B, *legacy, lora_bias=None, scale, W=None, bias=None, dropout_mask=None):
+    """LoRA layer with PEFT's lora_bias: y = x W^T + bias + s ((x * mask) A^T B^T + c).
 
     Args:
       x: (..., I) input.
-      A: (R, I); B: (O, R); lora_bias: c, (O,) (PEFT's ``lora_B.bias``).
+      A: (R, I); B: (O, R).
+      lora_bias: c, (O,) (PEFT's ``lora_B.bias``); the old positional form
+        ``lora_bias_forward(x, A, B, c, ...)`` still works, with a DeprecationWarning.
       scale: s (``LoraConfig.scale``: alpha/R, or alpha/sqrt(R) with rsLoRA).
       W: optional base weight (O, I); bias: optional base bias (O,).
       dropout_mask: optional inverted-dropout mask with x's shape (LoRA branch only).
@@ -64,18 +73,19 @@ def lora_bias_forward(x, A, B, lora_bias, *, scale, W=None, bias=None, dropout_m
     Example:
       >>> import numpy as np
       >>> x = np.ones((1, 2)); A = np.ones((1, 2)); B = np.ones((3, 1))
-      >>> y, _ = lora_bias_forward(x, A, B, np.full(3, 0.5), scale=2.0)
+      >>> y, _ = lora_bias_forward(x, A, B, lora_bias=np.full(3, 0.5), scale=2.0)
       >>> y.tolist()
       [[5.0, 5.0, 5.0]]
     """
+    if legacy:
+        lora_bias = _legacy_arguments("lora_bias_forward", legacy, ("lora_bias",), {"lora_bias": lora_bias})["lora_bias"]
     s = _check_scale(scale)
     if not hasattr(lora_bias, "shape"):
         raise TypeError(f"lora_bias is {type(lora_bias).__name__}; expected an array")
     y, cache = lora_forward(x, A, B, scale=s, W=W, bias=bias, dropout_mask=dropout_mask)
     xp = array_namespace(x, lora_bias, names=("x", "lora_bias"))
     O = B.shape[0]
-    if tuple(lora_bias.shape) != (O,):
-        raise ValueError(f"lora_bias has shape {tuple(lora_bias.shape)}; expected (O,) = ({O},), O taken from B")
+    _check_vector("lora_bias", lora_bias, O)
     if lora_bias.dtype != x.dtype:
         raise TypeError(f"lora_bias has dtype {lora_bias.dtype}; expected {x.dtype}, the dtype of x")
     # the LoRA bias is scaled with the branch: y += s c
@@ -102,15 +112,15 @@ def lora_bias_backward(dy, cache):
     Example:
       >>> import numpy as np
       >>> x = np.ones((2, 2)); A = np.ones((1, 2)); B = np.ones((3, 1))
-      >>> y, c = lora_bias_forward(x, A, B, np.zeros(3), scale=0.5)
+      >>> y, c = lora_bias_forward(x, A, B, lora_bias=np.zeros(3), scale=0.5)
       >>> lora_bias_backward(np.ones_like(y), c).dlora_bias.tolist()
       [1.0, 1.0, 1.0]
     """
     if not isinstance(cache, LoraBiasCache):
         raise TypeError(f"cache is {type(cache).__name__}; expected the LoraBiasCache returned by lora_bias_forward")
-    g = lora_backward(dy, cache.core)
+    g = lora_backward(dy, cache.lora)
     xp = array_namespace(dy)
-    O = cache.core.B.shape[0]
+    O = cache.lora.B.shape[0]
     # dc = s * sum over all rows of dy
-    dc = cache.core.scale * xp.sum(xp.reshape(dy, (cache.core.x_NI.shape[0], O)), axis=0)
+    dc = cache.lora.scale * xp.sum(xp.reshape(dy, (cache.lora.x_NI.shape[0], O)), axis=0)
     return LoraBiasGrads(g.dx, g.dA, g.dB, dc)

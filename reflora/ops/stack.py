@@ -165,7 +165,7 @@ def stack_forward(x, layers: Sequence[LoraLayer], *, scales, activation="relu", 
     for l, (layer, s, mask) in enumerate(zip(layers, scales, masks)):
         A, B, W, bias = LoraLayer(*layer)
         try:
-            # z_l = h W^T + bias + s ((h * m) A^T) B^T
+            # z_l = h W^T + bias + s ((h * mask) A^T) B^T
             z, cache = lora_forward(h, A, B, scale=s, W=W, bias=bias, dropout_mask=mask)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layer {l}: {exc}") from None

@@ -87,8 +87,9 @@ class SGD:
       maximize: ascend instead of descend.
 
     Raises:
-      ValueError: as torch raises it: negative lr, momentum or weight_decay;
-        nesterov without momentum or with dampening.
+      ValueError: where torch raises it (negative lr, momentum or weight_decay;
+        nesterov without momentum or with dampening), and for NaN or Inf.
+      TypeError: a non-number, or nesterov/maximize not a bool.
 
     Example:
       >>> import numpy as np
@@ -107,16 +108,17 @@ class SGD:
         self.dampening = _real("dampening", dampening)
         self.weight_decay = _real("weight_decay", weight_decay)
         if self.lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}; expected lr >= 0")
+            raise ValueError(f"SGD lr is {lr}; expected lr >= 0")
         if self.momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}; expected momentum >= 0")
+            raise ValueError(f"SGD momentum is {momentum}; expected momentum >= 0")
         if self.weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}; expected weight_decay >= 0")
+            raise ValueError(f"SGD weight_decay is {weight_decay}; expected weight_decay >= 0")
         if not isinstance(nesterov, bool) or not isinstance(maximize, bool):
-            raise ValueError(f"nesterov={nesterov!r}, maximize={maximize!r}; expected booleans")
+            raise TypeError(f"SGD nesterov is {nesterov!r} and maximize {maximize!r}; expected True or False each")
         if nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError(
-                f"Nesterov momentum requires a momentum and zero dampening; got momentum={momentum}, dampening={dampening}"
+                f"SGD nesterov is True with momentum {momentum} and dampening {dampening}; expected momentum > 0 and "
+                "dampening == 0 (Nesterov momentum needs both)"
             )
         self.nesterov = nesterov
         self.maximize = maximize

@@ -399,7 +399,7 @@ class TolerancePolicy:
             for f, v in fields.items():
                 try:
                     check_real(v, f, minimum=1 if f == "k" else 0)
-                except ValueError:
+                except (ValueError, TypeError):
                     raise ValueError(f"override {key!r} sets {f} = {v!r:.60}; expected a finite number "
                                      f">= {1 if f == 'k' else 0}") from None
 

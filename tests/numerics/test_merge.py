@@ -260,3 +260,20 @@ def test_midpoint_just_below_a_power_of_two(dt):
     got = reflora.merge(W, A, B, scale=1.0).weight
     assert float(got[0, 0]) == 1.0 - 2.0 ** -p
     assert_correctly_rounded(got, exact_update(W, A, B, 1.0), dt)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False, width=64, min_value=-3e38, max_value=3e38))
+def test_round_to_odd_f32_is_the_odd_neighbour(v):
+    from reflora.numerics.rounding import round_to_odd_f32
+
+    got = round_to_odd_f32(np.array([v]))
+    assert got.dtype == np.float32
+    g = float(got[0])
+    if float(np.float32(v)) == v:
+        assert g == v   # exact values are kept
+    else:
+        # v lies strictly between g's float32 neighbours (g is one of v's two), and g is odd
+        lo, hi = (float(np.nextafter(got, np.float32(s))[0]) for s in (-np.inf, np.inf))
+        assert Fraction(lo) < Fraction(v) < Fraction(hi)
+        assert int(got.view(np.uint32)[0]) & 1 == 1

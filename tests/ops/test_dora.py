@@ -65,9 +65,9 @@ def fd(loss, p, name, h=1e-5):
 
 def _run(xp, p, mode):
     q = {k: (xp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
-    y, cache = dora_forward(q["x"], q["A"], q["B"], q["m"], q["W"], scale=p["scale"], bias=q["bias"],
-                            dropout_mask=q["mask"], norm_grad=mode)
-    return y, dora_backward(q["G"], cache)
+    y, cache = dora_forward(q["x"], q["A"], q["B"], magnitude=q["m"], W=q["W"], scale=p["scale"], bias=q["bias"],
+                            dropout_mask=q["mask"])
+    return y, dora_backward(q["G"], cache, norm_grad=mode)
 
 
 @fixture_ok
@@ -80,7 +80,7 @@ def test_exact_mode_matches_finite_differences(xp, p):
 
     def loss(**o):
         q = {**p, **o}
-        y, _ = dora_forward(q["x"], q["A"], q["B"], q["m"], q["W"], scale=q["scale"], bias=q["bias"],
+        y, _ = dora_forward(q["x"], q["A"], q["B"], magnitude=q["m"], W=q["W"], scale=q["scale"], bias=q["bias"],
                             dropout_mask=q["mask"])
         return float(np.sum(y * p["G"]))
 
@@ -122,7 +122,7 @@ def test_magnitude_equal_to_norm_is_plain_lora(xp, p):
     n = np.linalg.norm(p["W"] + p["scale"] * p["B"] @ p["A"], axis=1)
     q = {k: (xp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
     assert_close(dora_weight_norm(q["W"], q["A"], q["B"], scale=p["scale"]), n, name="n", rel=1e-14, atol=1e-14)
-    y, _ = dora_forward(q["x"], q["A"], q["B"], xp.asarray(n), q["W"], scale=p["scale"], bias=q["bias"])
+    y, _ = dora_forward(q["x"], q["A"], q["B"], magnitude=xp.asarray(n), W=q["W"], scale=p["scale"], bias=q["bias"])
     y_lora, _ = lora_forward(q["x"], q["A"], q["B"], scale=p["scale"], W=q["W"], bias=q["bias"])
     assert_close(y, y_lora, name="y (m = n)", rel=1e-13, atol=1e-13)
 
@@ -179,7 +179,7 @@ def test_matches_peft_use_dora_in_float64(case):
     xt = torch.from_numpy(p["x"]).requires_grad_(True)
     yt = layer(xt)
     (yt * torch.from_numpy(p["G"])).sum().backward()
-    y, cache = dora_forward(p["x"], p["A"], p["B"], p["m"], p["W"], scale=scale, bias=p["bias"],
+    y, cache = dora_forward(p["x"], p["A"], p["B"], magnitude=p["m"], W=p["W"], scale=scale, bias=p["bias"],
                             dropout_mask=p["mask"])
     g = dora_backward(p["G"], cache)
     assert_close(y, yt.detach().numpy(), name="y", rel=F64_PEER)
@@ -189,7 +189,7 @@ def test_matches_peft_use_dora_in_float64(case):
     assert_close(g.dm, layer.lora_magnitude_vector["default"].weight.grad.numpy(), name="dm", rel=F64_PEER)
     if p["mask"] is None:
         # merge: reflora's float64 merge against PEFT's merge_and_unload
-        merged = dora_merge(p["W"], p["A"], p["B"], p["m"], scale=scale)
+        merged = dora_merge(p["W"], p["A"], p["B"], magnitude=p["m"], scale=scale)
         peft_w = pm.merge_and_unload().lin.weight.detach().numpy()
         assert_close(merged.weight, peft_w, name="merged W", rel=F64_PEER)
 
@@ -210,47 +210,49 @@ def test_peft_initial_magnitude_is_the_row_norm():
 @given(problems(mask=False))
 def test_merged_equals_unmerged_and_unmerge_restores(xp, p):
     q = {k: (xp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
-    y, _ = dora_forward(q["x"], q["A"], q["B"], q["m"], q["W"], scale=p["scale"], bias=q["bias"])
-    merged = dora_merge(q["W"], q["A"], q["B"], q["m"], scale=p["scale"])
+    y, _ = dora_forward(q["x"], q["A"], q["B"], magnitude=q["m"], W=q["W"], scale=p["scale"], bias=q["bias"])
+    merged = dora_merge(q["W"], q["A"], q["B"], magnitude=q["m"], scale=p["scale"])
     zeros_A, zeros_B = xp.asarray(np.zeros_like(p["A"])), xp.asarray(np.zeros_like(p["B"]))
     y_m, _ = lora_forward(q["x"], zeros_A, zeros_B, scale=0.0, W=merged.weight, bias=q["bias"])
     assert_close(y_m, y, name="merged vs unmerged", rel=1e-13, atol=1e-13)
-    back = dora_unmerge(merged.weight, q["A"], q["B"], q["m"], scale=p["scale"], norm=merged.norm)
+    back = dora_unmerge(merged.weight, q["A"], q["B"], magnitude=q["m"], scale=p["scale"], norm=merged.norm)
     assert_close(back, p["W"], name="unmerged W", rel=1e-13, atol=1e-14)
 
 
 def test_zero_norm_row_is_a_clear_error(xp):
     W = np.array([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]])
     A, B = np.ones((1, 2)), np.array([[1.0], [0.0], [0.0]])
-    args = [xp.asarray(a) for a in (np.ones((2, 2)), A, B, np.ones(3), W)]
+    x, A_, B_, m, W_ = [xp.asarray(a) for a in (np.ones((2, 2)), A, B, np.ones(3), W)]
     with pytest.raises(ValueError, match=r"row norm .* is 0 for rows o = \[1\]"):
-        dora_forward(*args, scale=1.0)
+        dora_forward(x, A_, B_, magnitude=m, W=W_, scale=1.0)
     with pytest.raises(ValueError, match=r"is 0 for rows o = \[1\]"):
-        dora_merge(W, A, B, np.ones(3), scale=1.0)
+        dora_merge(W, A, B, magnitude=np.ones(3), scale=1.0)
     # W's row cancelled exactly by s B A is zero too
     W2 = np.array([[1.0, 1.0]])
     with pytest.raises(ValueError, match=r"rows o = \[0\]"):
-        dora_forward(np.ones((1, 2)), np.ones((1, 2)), np.ones((1, 1)), np.ones(1), W2, scale=-1.0)
+        dora_forward(np.ones((1, 2)), np.ones((1, 2)), np.ones((1, 1)), magnitude=np.ones(1), W=W2, scale=-1.0)
 
 
 def test_bad_input():
     x, A, B, m, W = np.ones((2, 3)), np.ones((1, 3)), np.ones((4, 1)), np.ones(4), np.ones((4, 3))
     with pytest.raises(ValueError, match="norm_grad is 'full'"):
-        dora_forward(x, A, B, m, W, scale=1.0, norm_grad="full")
+        dora_backward(np.ones((2, 4)), dora_forward(x, A, B, magnitude=m, W=W, scale=1.0)[1], norm_grad="full")
     with pytest.raises(ValueError, match="W is None"):
-        dora_forward(x, A, B, m, None, scale=1.0)
-    with pytest.raises(ValueError, match=r"m has shape \(3,\); expected \(O,\) = \(4,\)"):
-        dora_forward(x, A, B, np.ones(3), W, scale=1.0)
-    with pytest.raises(TypeError, match="m has dtype float32"):
-        dora_forward(x, A, B, m.astype(np.float32), W, scale=1.0)
+        dora_forward(x, A, B, magnitude=m, scale=1.0)
+    with pytest.raises(TypeError, match="magnitude is None"):
+        dora_forward(x, A, B, W=W, scale=1.0)
+    with pytest.raises(ValueError, match=r"magnitude has shape \(3,\); expected \(O,\) = \(4,\)"):
+        dora_forward(x, A, B, magnitude=np.ones(3), W=W, scale=1.0)
+    with pytest.raises(TypeError, match="magnitude has dtype float32"):
+        dora_forward(x, A, B, magnitude=m.astype(np.float32), W=W, scale=1.0)
     with pytest.raises(ValueError, match=r"W has shape \(3, 4\); expected \(O, I\) = \(4, 3\)"):
-        dora_forward(x, A, B, m, W.T, scale=1.0)
+        dora_forward(x, A, B, magnitude=m, W=W.T, scale=1.0)
     with pytest.raises(TypeError, match="DoraCache"):
         dora_backward(np.ones((2, 4)), lora_forward(x, A, B, scale=1.0)[1])
     with pytest.raises(ValueError, match="norm has shape"):
-        dora_unmerge(W, A, B, m, scale=1.0, norm=np.ones(3))
-    with pytest.raises(ValueError, match="m is 0 in rows"):
-        dora_unmerge(W, A, B, np.zeros(4), scale=1.0, norm=np.ones(4))
+        dora_unmerge(W, A, B, magnitude=m, scale=1.0, norm=np.ones(3))
+    with pytest.raises(ValueError, match="magnitude is 0 in rows"):
+        dora_unmerge(W, A, B, magnitude=np.zeros(4), scale=1.0, norm=np.ones(4))
     with pytest.raises(TypeError, match="W is list; expected an array"):
         dora_weight_norm([[1.0] * 3] * 4, A, B, scale=1.0)
     with pytest.raises(ValueError, match="W is None"):
@@ -267,7 +269,7 @@ def test_bfloat16_merge_is_rounded_once_from_float64():
     W = (rng.standard_normal((8, 16)) * 0.05).astype(bf)
     A, B = rng.standard_normal((4, 16)).astype(np.float32), (rng.standard_normal((8, 4)) * 0.01).astype(np.float32)
     m = rng.uniform(0.1, 0.3, 8)
-    got = dora_merge(W, A, B, m, scale=2.0)
+    got = dora_merge(W, A, B, magnitude=m, scale=2.0)
     V = W.astype(np.float64) + 2.0 * B.astype(np.float64) @ A.astype(np.float64)
     ref = (m / np.linalg.norm(V, axis=1))[:, None] * V
     assert got.weight.dtype == bf
@@ -286,7 +288,7 @@ def test_float16_row_norm_does_not_overflow(xp):
     A, B = rng.standard_normal((2, 16)) * 0.1, rng.standard_normal((2, 2)) * 0.1
     x, m = rng.standard_normal((3, 16)), np.array([480.0, 200.0])   # g near 1.5 and 0.5
     h = [xp.asarray(a.astype(np.float16)) for a in (x, A, B, m, W)]
-    y, c = dora_forward(*h, scale=1.0)
+    y, c = dora_forward(h[0], h[1], h[2], magnitude=h[3], W=h[4], scale=1.0)
     q = [to_numpy(a).astype(np.float64) for a in h]
     n = np.linalg.norm(q[4] + q[2] @ q[1], axis=1)
     assert_close(to_numpy(c.n_O).astype(np.float64), n, name="n", rel=2.0 ** -10)
@@ -300,7 +302,44 @@ def test_non_finite_row_norm_is_a_clear_error(xp):
     W = np.array([[1.0, 2.0], [60000.0, 60000.0]], dtype=np.float16)   # n_1 = 84853 > 65504: inf in float16
     args = [xp.asarray(a.astype(np.float16)) for a in (np.ones((1, 2)), np.ones((1, 2)), np.zeros((2, 1)), np.ones(2), W)]
     with pytest.raises(ValueError, match=r"not finite for rows o = \[1\]"):
-        dora_forward(*args, scale=1.0)
+        dora_forward(args[0], args[1], args[2], magnitude=args[3], W=args[4], scale=1.0)
     W64 = np.array([[1.0, np.nan], [1.0, 0.0]])
     with pytest.raises(ValueError, match=r"not finite for rows o = \[0\]"):
-        dora_forward(np.ones((1, 2)), np.ones((1, 2)), np.zeros((2, 1)), np.ones(2), W64, scale=1.0)
+        dora_forward(np.ones((1, 2)), np.ones((1, 2)), np.zeros((2, 1)), magnitude=np.ones(2), W=W64, scale=1.0)
+
+
+def test_old_argument_forms_still_work_with_a_deprecation_warning():
+    # the pre-layout signatures: m and W positional (or m=), norm_grad on the forward
+    rng = np.random.default_rng(5)
+    x, A, B, W = rng.standard_normal((3, 4)), rng.standard_normal((2, 4)), rng.standard_normal((5, 2)), \
+        rng.standard_normal((5, 4))
+    m, dy = rng.uniform(0.5, 2.0, 5), rng.standard_normal((3, 5))
+    y, cache = dora_forward(x, A, B, magnitude=m, W=W, scale=0.5)
+    g = dora_backward(dy, cache, norm_grad="exact")
+    with pytest.warns(DeprecationWarning, match=r"dora_forward: passing magnitude positionally, W positionally"):
+        y_old, _ = dora_forward(x, A, B, m, W, scale=0.5)
+    with pytest.warns(DeprecationWarning, match=r"passing m= is deprecated; pass magnitude= instead"):
+        y_kw, _ = dora_forward(x, A, B, m=m, W=W, scale=0.5)
+    with pytest.warns(DeprecationWarning, match=r"norm_grad= is deprecated here; pass it to dora_backward"):
+        _, c_old = dora_forward(x, A, B, magnitude=m, W=W, scale=0.5, norm_grad="exact")
+    g_old = dora_backward(dy, c_old)   # the mode set on the forward is still honoured
+    np.testing.assert_array_equal(y_old, y)
+    np.testing.assert_array_equal(y_kw, y)
+    for a, b in zip(g_old, g):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(dora_backward(dy, cache).dA, g.dA)   # "exact" differs from the default
+    with pytest.warns(DeprecationWarning, match=r"dora_merge: passing magnitude positionally") as caught:
+        old = dora_merge(W, A, B, m, scale=0.5)
+    assert caught[0].filename == __file__   # the warning points at the caller's line
+    with pytest.warns(DeprecationWarning) as caught:
+        dora_forward(x, A, B, m, W, scale=0.5)
+    assert caught[0].filename == __file__
+    new = dora_merge(W, A, B, magnitude=m, scale=0.5)
+    np.testing.assert_array_equal(old.weight, new.weight)
+    with pytest.warns(DeprecationWarning, match=r"dora_unmerge: passing m= is deprecated"):
+        back = dora_unmerge(new.weight, A, B, m=m, scale=0.5, norm=new.norm)
+    np.testing.assert_array_equal(back, dora_unmerge(new.weight, A, B, magnitude=m, scale=0.5, norm=new.norm))
+    with pytest.raises(TypeError, match="got magnitude twice"):
+        dora_forward(x, A, B, m, W, magnitude=m, scale=0.5)
+    with pytest.raises(TypeError, match="extra positional arguments"):
+        dora_forward(x, A, B, m, W, W, scale=0.5)

@@ -34,17 +34,28 @@ def test_json_round_trip():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("rank", 0), ("rank", -1), ("rank", 2.0), ("rank", True), ("in_features", 0), ("out_features", -3),
-    ("alpha", float("nan")), ("alpha", float("inf")), ("alpha", "16"), ("init", "xavier"), ("use_rslora", 1),
+    ("rank", 0), ("rank", -1), ("in_features", 0), ("out_features", -3),
+    ("alpha", float("nan")), ("alpha", float("inf")), ("init", "xavier"),
 ])
 def test_invalid_values_name_the_field(field, value):
-    with pytest.raises(ValueError, match=rf"LoraConfig\.{field} is"):
+    with pytest.raises(ValueError, match=rf"LoraConfig\.{field} is .*; expected"):
+        LoraConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rank", 2.0), ("rank", True), ("in_features", "8"), ("alpha", "16"), ("alpha", None), ("use_rslora", 1),
+    ("init", None),
+])
+def test_values_of_the_wrong_type_are_type_errors_naming_the_field(field, value):
+    with pytest.raises(TypeError, match=rf"LoraConfig\.{field} is .*; expected"):
         LoraConfig(**{field: value})
 
 
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match=r"unknown keys \['lora_dropout'\]"):
         LoraConfig.from_dict({"rank": 4, "lora_dropout": 0.1})
+    with pytest.raises(TypeError, match=r"LoraConfig.from_dict data is list; expected a mapping"):
+        LoraConfig.from_dict([("rank", 4)])
 
 
 def test_kaiming_uniform_bound_shape_and_zero_B(xp):

@@ -37,7 +37,7 @@ def problems(draw):
 
 def _fwd(p, **o):
     q = {**p, **o}
-    return lora_bias_forward(q["x"], q["A"], q["B"], q["c"], scale=q["scale"], W=q["W"], bias=q["bias"],
+    return lora_bias_forward(q["x"], q["A"], q["B"], lora_bias=q["c"], scale=q["scale"], W=q["W"], bias=q["bias"],
                              dropout_mask=q["mask"])
 
 
@@ -64,7 +64,7 @@ def test_zero_lora_bias_is_the_core(xp):
     rng = np.random.default_rng(0)
     x, A, B, W = (xp.asarray(rng.standard_normal(s)) for s in [(3, 4), (2, 4), (5, 2), (5, 4)])
     y0, _ = lora_forward(x, A, B, scale=0.7, W=W)
-    y1, _ = lora_bias_forward(x, A, B, xp.zeros((5,), dtype=x.dtype), scale=0.7, W=W)
+    y1, _ = lora_bias_forward(x, A, B, lora_bias=xp.zeros((5,), dtype=x.dtype), scale=0.7, W=W)
     np.testing.assert_array_equal(to_numpy(y1), to_numpy(y0))
 
 
@@ -97,7 +97,7 @@ def test_matches_peft_lora_bias_in_float64():
         xt = torch.from_numpy(x).requires_grad_(True)
         yt = layer(xt)
         (yt * torch.from_numpy(G)).sum().backward()
-        y, cache = lora_bias_forward(x, A, B, c, scale=s, W=W, bias=bias)
+        y, cache = lora_bias_forward(x, A, B, lora_bias=c, scale=s, W=W, bias=bias)
         g = lora_bias_backward(G, cache)
         assert_close(y, yt.detach().numpy(), name="y", rel=F64_PEER)
         assert_close(g.dx, xt.grad.numpy(), name="dx", rel=F64_PEER)
@@ -114,12 +114,25 @@ def test_matches_peft_lora_bias_in_float64():
 def test_bad_lora_bias():
     x, A, B = np.ones((2, 3)), np.ones((1, 3)), np.ones((4, 1))
     with pytest.raises(ValueError, match=r"lora_bias has shape \(3,\); expected \(O,\) = \(4,\)"):
-        lora_bias_forward(x, A, B, np.ones(3), scale=1.0)
+        lora_bias_forward(x, A, B, lora_bias=np.ones(3), scale=1.0)
     with pytest.raises(TypeError, match="lora_bias has dtype float32"):
-        lora_bias_forward(x, A, B, np.ones(4, dtype=np.float32), scale=1.0)
+        lora_bias_forward(x, A, B, lora_bias=np.ones(4, dtype=np.float32), scale=1.0)
     with pytest.raises(TypeError, match="expected an array"):
-        lora_bias_forward(x, A, B, [1.0] * 4, scale=1.0)
+        lora_bias_forward(x, A, B, lora_bias=[1.0] * 4, scale=1.0)
     with pytest.raises(TypeError, match="LoraBiasCache"):
         lora_bias_backward(np.ones((2, 4)), lora_forward(x, A, B, scale=1.0)[1])
     with pytest.raises(ValueError, match="lora_bias was given but bias is None"):
         reflora.merge(np.ones((4, 3)), A, B, scale=1.0, lora_bias=np.ones(4))
+
+
+def test_old_positional_lora_bias_still_works_with_a_deprecation_warning():
+    x, A, B, c = np.ones((2, 3)), np.ones((1, 3)), np.full((4, 1), 0.5), np.arange(4.0)
+    y, cache = lora_bias_forward(x, A, B, lora_bias=c, scale=2.0)
+    with pytest.warns(DeprecationWarning, match=r"lora_bias_forward: passing lora_bias positionally is deprecated"):
+        y_old, _ = lora_bias_forward(x, A, B, c, scale=2.0)
+    np.testing.assert_array_equal(y_old, y)
+    with pytest.warns(DeprecationWarning, match=r"LoraBiasCache.core is deprecated"):
+        assert cache.core is cache.lora
+    with pytest.raises(TypeError, match="got lora_bias twice"):
+        lora_bias_forward(x, A, B, c, lora_bias=c, scale=2.0)
+

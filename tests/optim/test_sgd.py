@@ -123,5 +123,19 @@ def test_mismatched_structures_and_shapes_are_errors():
         opt.step(p, p, None)
     with pytest.raises(ValueError, match="momentum buffer"):
         reflora.SGD(0.1, momentum=0.9).step(p, p, reflora.SGDState({"A": np.ones((3, 2))}, 1))
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match=r"SGD lr is nan; expected a finite real number"):
         reflora.SGD(float("nan"))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(lr=-0.1), ValueError, r"SGD lr is -0.1; expected lr >= 0"),
+    (dict(lr=0.1, momentum=-0.5), ValueError, r"SGD momentum is -0.5; expected momentum >= 0"),
+    (dict(lr=0.1, weight_decay=-1.0), ValueError, r"SGD weight_decay is -1.0; expected weight_decay >= 0"),
+    (dict(lr=0.1, nesterov=True), ValueError, r"SGD nesterov is True with momentum 0.0 and dampening 0.0; expected"),
+    (dict(lr="0.1"), TypeError, r"SGD lr is '0.1' \(str\); expected a finite real number"),
+    (dict(lr=0.1, momentum=None), TypeError, r"SGD momentum is None \(NoneType\); expected"),
+    (dict(lr=0.1, nesterov=1), TypeError, r"SGD nesterov is 1 and maximize False; expected True or False"),
+])
+def test_errors_say_what_arrived_and_what_was_expected(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        reflora.SGD(**kwargs)

@@ -30,14 +30,18 @@ def _is_real_floating(xp: Any, dtype: Any) -> bool:
 
 
 def _check_scale(scale: Any) -> float:
-    if type(scale) is float:
+    if type(scale) is float and math.isfinite(scale):
         return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         # Also accept 0-d arrays (numpy scalars are numbers.Real already).
-        if getattr(scale, "shape", None) == ():
-            return float(scale)
-        raise TypeError(f"scale is {scale!r} ({type(scale).__name__}); expected a real number")
-    return float(scale)
+        if getattr(scale, "shape", None) == () and not isinstance(scale, (bool, np.bool_)):
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                raise TypeError(f"scale is {scale!r} ({type(scale).__name__}); expected a real number") from None
+        else:
+            raise TypeError(f"scale is {scale!r:.80} ({type(scale).__name__}); expected a real number")
+    return check_real(scale, "scale")
 
 
 def _check_inputs(x, A, B, W, bias, mask):
@@ -53,8 +57,11 @@ def _check_inputs(x, A, B, W, bias, mask):
         xp = np  # the common case, checked without the generic machinery
     else:
         for name, a in zip(names, arrays):
-            if a is not None and not hasattr(a, "shape"):
+            if (a is None and name in ("x", "A", "B")) or (a is not None and not hasattr(a, "shape")):
                 raise TypeError(f"{name} is {type(a).__name__}; expected an array (convert with reflora.asarray)")
+            if isinstance(a, np.ma.MaskedArray):
+                raise TypeError(f"{name} is a numpy.ma.MaskedArray; expected a plain array (a mask has no meaning "
+                                f"in LoRA: pass {name}.filled(value) or {name}.data)")
         xp = array_namespace(*arrays, names=names)
     dt = x.dtype
     if not _is_real_floating(xp, dt):
@@ -84,11 +91,47 @@ def _check_inputs(x, A, B, W, bias, mask):
     return xp, N, I, O, R
 
 
+def check_real(value: Any, field: str, *, error: type = ValueError, integer: bool = False,
+               minimum: float | None = None, positive: bool = False) -> Any:
+    """The one rule for a number that reaches arithmetic (rank, alpha, scale, lr, a tolerance, ...).
+
+    Accepts Python and NumPy reals (not bool); refuses NaN, +-inf and values too
+    large for a float64 (a 400-digit integer), naming ``field``. ``integer`` asks
+    for an int (returned as a Python int); ``minimum`` / ``positive`` bound it.
+    Returns a Python float (or int). Raises ``error`` (ValueError, or
+    reflora.FormatError for a value read from a file); a value that is not a
+    number at all is a TypeError when ``error`` is ValueError.
+    """
+    wrong_type = TypeError if error is ValueError else error  # API: TypeError; a file: FormatError for all
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        kind = "an integer" if integer else "a finite real number"
+        raise wrong_type(f"{field} is {value!r:.80} ({type(value).__name__}); expected {kind}")
+    if integer and not isinstance(value, numbers.Integral):
+        raise wrong_type(f"{field} is {value!r:.80}; expected an integer")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = math.inf
+    if not math.isfinite(as_float):
+        big = len(repr(value)) > 40
+        text = f"a {len(str(abs(int(value))))}-digit integer" if big else repr(value)
+        raise error(f"{field} is {text}; expected a finite real number" + (" (beyond float64's range)" if big else ""))
+    out = int(value) if integer else as_float
+    if positive and not out > 0:
+        raise error(f"{field} is {value!r}; expected a number > 0")
+    if minimum is not None and out < minimum:
+        raise error(f"{field} is {value!r}; expected a number >= {minimum:g}")
+    return out
+
+
 def _check_arrays(names: tuple[str, ...], arrays: tuple) -> Any:
     """TypeError for a non-array (None is allowed: an absent option); returns the arrays' namespace."""
     for name, a in zip(names, arrays):
         if a is not None and not hasattr(a, "shape"):
             raise TypeError(f"{name} is {type(a).__name__}; expected an array")
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"{name} is a numpy.ma.MaskedArray; expected a plain array (a mask has no meaning in "
+                            f"LoRA: pass {name}.filled(value) or {name}.data)")
     return array_namespace(*arrays, names=names)
 
 

@@ -41,6 +41,9 @@ __all__ = [
 BACKEND_ENV = "REFLORA_BACKEND"
 _NAMESPACE_BY_TYPE: dict[type, ModuleType] = {}
 _CHOICES = ("auto", "numpy", "cupy")
+#: Array libraries ``xp=`` may name as a string (imported by name); any other name is refused.
+_LIBRARIES = ("array_api_strict", "jax.numpy", "torch", "array_api_compat.numpy", "array_api_compat.cupy",
+              "array_api_compat.torch")
 log = logging.getLogger("reflora")
 
 
@@ -102,14 +105,18 @@ def normalize_xp(xp: Any) -> ModuleType:
     if isinstance(xp, str):
         if xp in _CHOICES:
             return get_namespace(xp)
-        # e.g. "array_api_strict": import it by name.
+        # e.g. "array_api_strict": import it by name, but only a known array library (never any module)
         import importlib  # noqa: PLC0415
 
+        if xp not in _LIBRARIES:
+            raise ValueError(f"xp is {xp!r}; expected one of {_CHOICES + _LIBRARIES} or a namespace module")
         try:
             xp = importlib.import_module(xp)
-        except ImportError:
-            raise ValueError(f"xp is {xp!r}; expected one of {_CHOICES}, an importable array "
-                             "library name such as 'array_api_strict', or a namespace module") from None
+        except ImportError as exc:
+            raise ValueError(f"xp is {xp!r}, which does not import here ({exc})") from None
+    if not callable(getattr(xp, "empty", None)):
+        raise TypeError(f"xp is {xp!r:.80} ({type(xp).__name__}); expected an array namespace module "
+                        f"(numpy, cupy, array_api_strict, ...) or one of {_CHOICES}")
     # Map numpy/cupy to their array_api_compat wrappers, keep others as given.
     return array_api_compat.array_namespace(xp.empty(0))
 
@@ -177,7 +184,13 @@ def to_numpy(x: Any) -> np.ndarray:
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().numpy()
+        t = x.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: reinterpret the bits as ml_dtypes'
+            import ml_dtypes  # noqa: PLC0415
+            import torch  # noqa: PLC0415
+
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
     try:
         return np.from_dlpack(x)
     except Exception:

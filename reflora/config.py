@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ._validate import check_real
+
 __all__ = ["INIT_SCHEMES", "LoraConfig"]
 
 INIT_SCHEMES = ("kaiming_uniform", "gaussian")
@@ -63,12 +65,7 @@ class LoraConfig:
             if value < 1:
                 raise ValueError(f"LoraConfig.{name} is {value}; expected an int >= 1")
             object.__setattr__(self, name, int(value))  # NumPy integers become plain ints
-        if isinstance(self.alpha, (bool, np.bool_)) or not isinstance(self.alpha, numbers.Real):
-            raise TypeError(f"LoraConfig.alpha is {self.alpha!r} ({type(self.alpha).__name__}); expected a finite real "
-                            "number")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"LoraConfig.alpha is {self.alpha}; expected a finite real number")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_real(self.alpha, "LoraConfig.alpha"))
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"LoraConfig.use_rslora is {self.use_rslora!r}; expected True or False")
         if not isinstance(self.init, str):

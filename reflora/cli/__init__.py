@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import platform
+import re
 import sys
 
 SUBCOMMAND_MODULES = (
@@ -51,8 +53,36 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    import reflora  # noqa: PLC0415
+
+    return f"reflora {reflora.__version__}"
+
+
+def _plain(text: str | None) -> str | None:
+    """Docstring text as a terminal shows it: ``code`` -> code (no RST markup in --help)."""
+    return None if text is None else re.sub(r"``([^`]*)``", r"\1", text)
+
+
+#: Python keyword arguments named in library messages -> the CLI flags that set them.
+_FLAGS = ((re.compile(r"\boverwrite=True\b"), "--overwrite"),
+          (re.compile(r"\blayout='(peft|seed)'"), r"--layout \1"),
+          (re.compile(r"\buse_rslora=True\b"), "--use-rslora"),
+          (re.compile(r"\b(alpha|layout|module)=(?=$|[\s,.;:)])"), r"--\1"),
+          (re.compile(r"\bfor a PEFT directory use reflora\.load_peft\b"), "for a PEFT folder pass the folder"),
+          (re.compile(r"\(or overwrite\)"), "(or pass --overwrite)"))
+
+
+def cli_message(text: str) -> str:
+    """A library message as the command line says it: flags, not keyword arguments."""
+    for pattern, flag in _FLAGS:
+        text = pattern.sub(flag, text)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflora", description="LoRA golden reference (NumPy/CuPy).")
+    parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (e.g. the backend choice)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -61,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    stack = [sub]
+    while stack:  # every (sub)command's description without RST markup
+        for p in stack.pop().choices.values():
+            p.description = _plain(p.description)
+            stack.extend(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     return parser
 
 
@@ -69,9 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:
-        print(f"reflora {args.command}: error: {exc}", file=sys.stderr)
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+    except BrokenPipeError:
+        # the reader went away (``reflora inspect DIR | head -2``): stop quietly, as a C tool killed by SIGPIPE
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except KeyboardInterrupt:
+        print(f"reflora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError, RecursionError, OverflowError, MemoryError) as exc:
+        print(f"reflora {args.command}: error: {cli_message(str(exc) or type(exc).__name__)}", file=sys.stderr)
         return 2
 
 

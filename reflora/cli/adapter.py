@@ -2,7 +2,7 @@
 
     reflora inspect FILE|DIR [--layout peft|seed] [--alpha A] [--use-rslora] [--n-head H --n-head-kv K]
     reflora convert SRC DST --to peft|seed|kohya|mlx|gguf [--layout ...] [--alpha A] [--module M]
-                            [--n-head H --n-head-kv K] [--force]
+                            [--n-head H --n-head-kv K] [--overwrite]
 
 ``inspect`` lists the tensors (name, dtype, shape), the layout and how it was
 decided, and per module: R, I, O, alpha, scale, parameters, and the Frobenius
@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from ..adapter import LoraAdapter
-from ..io._common import refuse_extras
 from ..io._keys import read_record
 from ..io.formats import FORMATS, detect_format, load_any, save_any
 from ..io.layouts import detect_layout, group_keys, load_adapter, save_adapter
-from ..io.peft import PEFT_WEIGHTS_NAME, load_peft, save_peft
+from ..io._files import read_json
+from ..io.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, load_peft, save_peft
 from ..io.safetensors import read_header
 from .formats import OTHER_FORMATS, read_format
 
@@ -86,6 +86,8 @@ def inspect_path(path: str, *, layout: str | None = None, alpha: float | None = 
         header, adapters, found, how = read_format(path, fmt, n_head=n_head, n_head_kv=n_head_kv)
     else:
         weights = os.path.join(path, PEFT_WEIGHTS_NAME) if is_dir else path
+        if is_dir:
+            _check_peft_folder(path)
         header, metadata = read_header(weights)
     print(f"{'directory' if is_dir else 'file'}: {path}", file=out)
     print(f"tensors ({len(header)}):", file=out)
@@ -141,6 +143,22 @@ def inspect_path(path: str, *, layout: str | None = None, alpha: float | None = 
     return summary
 
 
+def _check_peft_folder(path: str) -> None:
+    """FileNotFoundError saying what a folder lacks to be a PEFT adapter folder, and what to pass instead."""
+    missing = [n for n in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME) if not os.path.lexists(os.path.join(path, n))]
+    if not missing:
+        return
+    try:
+        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    except OSError:
+        files = []
+    hint = (f"; to read one adapter file, pass it: {os.path.join(path, files[0])}" if files else
+            "; pass a folder PeftModel.save_pretrained wrote, or an adapter .safetensors file")
+    what = "is empty" if not os.listdir(path) else f"has no {' and no '.join(missing)}"
+    raise FileNotFoundError(f"{path} {what}: expected a PEFT adapter folder ({PEFT_CONFIG_NAME} + "
+                            f"{PEFT_WEIGHTS_NAME}){hint}")
+
+
 def _inspect(args: argparse.Namespace) -> int:
     inspect_path(args.path, layout=args.layout, alpha=args.alpha, use_rslora=args.use_rslora or None,
                  n_head=args.n_head, n_head_kv=args.n_head_kv)
@@ -148,17 +166,24 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def convert(src: str, dst: str, *, to: str, layout: str | None = None, alpha: float | None = None,
-            use_rslora: bool | None = None, module: str = "linear", force: bool = False,
-            n_head: int | None = None, n_head_kv: int | None = None, arch: str = "llama") -> str:
+            use_rslora: bool | None = None, module: str = "linear", overwrite: bool = False,
+            force: bool | None = None, n_head: int | None = None, n_head_kv: int | None = None,
+            arch: str = "llama") -> str:
     """Read SRC (any format) and write DST in format ``to``; return a one-line summary.
 
     ΔW is kept bit for bit (A, B and the scale are copied); a format that cannot hold the
-    adapter (DoRA in kohya, several ranks in mlx-lm, ...) is refused with the reason.
+    adapter (DoRA in kohya, several ranks in mlx-lm, ...) is refused with the reason. A PEFT
+    folder written from a PEFT folder keeps the source's adapter_config.json keys that need
+    not change (peft_version, task_type, auto_mapping, target_modules, ...). ``force`` is the
+    old name of ``overwrite``.
     """
+    overwrite = bool(overwrite or force)
+    template = None
     if detect_format(src) in OTHER_FORMATS:
         adapters: Any = load_any(src, n_head=n_head, n_head_kv=n_head_kv, xp="numpy")
     elif os.path.isdir(src):
         adapters: Any = load_peft(src, xp="numpy")
+        template = read_json(os.path.join(src, PEFT_CONFIG_NAME), PEFT_CONFIG_NAME)
     else:
         adapters = load_adapter(src, layout=layout, alpha=alpha, use_rslora=use_rslora, xp="numpy")
         if isinstance(adapters, LoraAdapter):
@@ -170,34 +195,35 @@ def convert(src: str, dst: str, *, to: str, layout: str | None = None, alpha: fl
     n = 1 if isinstance(adapters, LoraAdapter) else len(adapters)
     if to in OTHER_FORMATS:
         save_any(dst, {module: adapters} if isinstance(adapters, LoraAdapter) else adapters, to, n_head=n_head,
-                 n_head_kv=n_head_kv, arch=arch, overwrite=force)
+                 n_head_kv=n_head_kv, arch=arch, overwrite=overwrite)
         return f"wrote {dst} (format {to}, {n} module{'s' * (n != 1)})"
     if to == "peft" and (os.path.isdir(dst) or not dst.endswith(".safetensors")):
         if isinstance(adapters, LoraAdapter):
             adapters = {module: adapters}
-        save_peft(dst, adapters, overwrite=force)
+        save_peft(dst, adapters, overwrite=overwrite, config_template=template)
         return f"wrote PEFT directory {dst} ({n} module{'s' * (n != 1)})"
-    only_ab = "the file holds lora_A/lora_B (or lora_a/lora_b) only; a PEFT folder holds it"
-    refuse_extras({module: adapters} if isinstance(adapters, LoraAdapter) else adapters, f"a {to}-layout file",
-                  only_ab, only_ab)
-    save_adapter(dst, adapters, layout=to, module=module, overwrite=force)
+    mods = {"": adapters} if isinstance(adapters, LoraAdapter) else adapters
+    extras = sorted({n for ad in mods.values() for n in ("magnitude", "lora_bias") if getattr(ad, n) is not None})
+    if extras:
+        what = " and ".join({"magnitude": "DoRA magnitude vectors", "lora_bias": "lora_B biases"}[e] for e in extras)
+        raise ValueError(f"{src} has {what}, which a single {to} adapter file cannot hold (it holds A and B only). "
+                         f"Write a PEFT folder instead: reflora convert {src} DIR --to peft; or fold the adapter "
+                         f"into the base weights: reflora merge BASE {src} OUT")
+    save_adapter(dst, adapters, layout=to, module=module, overwrite=overwrite)
     return f"wrote {dst} (layout {to}, {n} module{'s' * (n != 1)})"
 
 
 def _convert(args: argparse.Namespace) -> int:
-    try:
-        print(convert(args.src, args.dst, to=args.to, layout=args.layout, alpha=args.alpha,
-                      use_rslora=args.use_rslora or None, module=args.module, force=args.force,
-                      n_head=args.n_head, n_head_kv=args.n_head_kv, arch=args.arch))
-    except FileExistsError as exc:
-        where = exc.filename if exc.filename is not None else str(exc).split(";")[0]
-        raise FileExistsError(f"{where} exists; pass --force to replace it") from None
+    print(convert(args.src, args.dst, to=args.to, layout=args.layout, alpha=args.alpha,
+                  use_rslora=args.use_rslora or None, module=args.module, overwrite=args.overwrite,
+                  n_head=args.n_head, n_head_kv=args.n_head_kv, arch=args.arch))
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="tensors, layout, ranks, scales and norms of an adapter file or PEFT dir")
-    p.add_argument("path", metavar="FILE|DIR")
+    p.add_argument("path", metavar="FILE|DIR", help="an adapter .safetensors file (peft or seed layout) or a PEFT "
+                   "adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--layout", choices=("peft", "seed"), default=None, help="force the layout (default: detect)")
     p.add_argument("--alpha", type=float, default=None, help="alpha for files without a reflora config")
     p.add_argument("--use-rslora", action="store_true", help="scale alpha/sqrt(R) for files without a config")
@@ -208,12 +234,13 @@ def register(sub) -> None:
                                        "keeping ΔW bit for bit")
     c.add_argument("src", metavar="SRC", help="adapter file or PEFT directory")
     c.add_argument("dst", metavar="DST", help="file (.safetensors) or, with --to peft, a PEFT directory")
-    c.add_argument("--to", choices=FORMATS, required=True)
+    c.add_argument("--to", choices=FORMATS, required=True, help="format of DST")
     c.add_argument("--layout", choices=("peft", "seed"), default=None, help="SRC's layout (default: detect)")
     c.add_argument("--alpha", type=float, default=None, help="alpha for sources without a reflora config")
     c.add_argument("--use-rslora", action="store_true", help="rsLoRA scaling for sources without a config")
     c.add_argument("--module", default="linear", help="module path of a single adapter written as peft")
-    c.add_argument("--force", action="store_true", help="replace existing DST files")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    c.add_argument("--force", action="store_true", dest="overwrite", help=argparse.SUPPRESS)  # deprecated name
     _head_args(c)
     c.add_argument("--arch", choices=("llama", "qwen2"), default="llama", help="GGUF general.architecture")
     c.set_defaults(func=_convert)

@@ -21,7 +21,14 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    import os  # noqa: PLC0415
+
     from reflora.testing.golden import check_golden, format_table  # noqa: PLC0415
+
+    if not os.path.isdir(args.results):
+        why = "no such folder" if not os.path.lexists(args.results) else "not a folder"
+        args.parser.error(f"--results {args.results}: {why}; expected the folder holding "
+                          "<case name>.safetensors result files")
 
     rows, ok = check_golden(args.directory, args.results)
     print(format_table(rows))
@@ -33,10 +40,10 @@ def register(sub) -> None:
     gsub = p.add_subparsers(dest="golden_command", metavar="ACTION")
     gsub.required = True
     w = gsub.add_parser("write", help="write the golden cases (safetensors) and manifest.json into DIR")
-    w.add_argument("directory", metavar="DIR")
+    w.add_argument("directory", metavar="DIR", help="folder to write (replaced as a whole: all or nothing)")
     w.add_argument("--seed", type=int, default=0, help="base seed of the cases' arrays (default 0)")
     w.set_defaults(func=_write)
     c = gsub.add_parser("check", help="grade RESULTS_DIR/<case>.safetensors against DIR; exit 1 on any failure")
-    c.add_argument("directory", metavar="DIR")
+    c.add_argument("directory", metavar="DIR", help="a folder written by `reflora golden write`")
     c.add_argument("--results", required=True, metavar="RESULTS_DIR", help="folder of <case name>.safetensors results")
-    c.set_defaults(func=_check)
+    c.set_defaults(func=_check, parser=c)

@@ -16,6 +16,7 @@ from .._errors import FormatError
 from ..adapter import LoraAdapter
 from ..backend import asarray, to_numpy
 from ..config import LoraConfig
+from ._files import loads_json
 
 LAYOUTS = ("peft", "seed")
 PEFT_PREFIX = "base_model.model."
@@ -52,10 +53,35 @@ def key(layout: str, half: str, module: str) -> str:
     return KEY_FORMATS[(layout, half)].format(m=module)
 
 
+#: A module path: dotted, no empty component, no whitespace or control character (the rule of every reader
+#: and writer; PEFT's own paths come from ``named_modules()``).
+MODULE_RE = re.compile(r"[^\s.\x00-\x1f\x7f]+(?:\.[^\s.\x00-\x1f\x7f]+)*")
+
+
+def module_path_problem(m: Any) -> str | None:
+    """Why ``m`` cannot be a module path in an adapter file (None when it can)."""
+    if not isinstance(m, str):
+        return f"is a {type(m).__name__}; expected a str"
+    if not MODULE_RE.fullmatch(m):
+        return ("is not a dotted path such as 'layers.0.q_proj' (no empty component, whitespace or control "
+                "character)")
+    why = unsupported_reason(KEY_FORMATS[("peft", "A")].format(m=m))
+    if why:
+        return f"names {why.split(';')[0]}, which no reflora or PEFT loader reads back as a LoRA module"
+    return None
+
+
+def check_module_path(m: Any, where: str = "", *, error: type = ValueError) -> str:
+    why = module_path_problem(m)
+    if why:
+        raise error(f"{where}{': ' if where else ''}module path {m!r:.120} {why}")
+    return m
+
+
 def parse_key(name: str) -> tuple[str, str, str] | None:
     """'base_model.model.q.lora_A.weight' -> ('q', 'A', 'peft'); 'lora_b' -> ('', 'B', 'seed'); else None."""
-    m = KEY_RE.match(name)
-    if m is None:
+    m = KEY_RE.fullmatch(name)
+    if m is None or (m["m"] is not None and module_path_problem(m["m"])):
         return None
     half = m["half"]
     suggests = "peft" if (half in "AB" and m["w"]) else "seed" if (half in "ab" and not m["w"] and not m["prefix"]) \
@@ -89,10 +115,7 @@ def metadata_for(adapters: Mapping[str, LoraAdapter], layout: str) -> dict[str, 
 def read_record(metadata: Mapping[str, str], where: str) -> dict[str, Any] | None:
     if META_KEY not in metadata:
         return None
-    try:
-        record = json.loads(metadata[META_KEY])
-    except ValueError as exc:
-        raise FormatError(f"{where}: __metadata__[{META_KEY!r}] is not valid JSON ({exc})") from None
+    record = loads_json(metadata[META_KEY], f"{where}: __metadata__[{META_KEY!r}]")
     if not (isinstance(record, dict) and record.get("version") == META_VERSION
             and record.get("layout") in LAYOUTS and isinstance(record.get("modules"), dict)):
         raise FormatError(f"{where}: __metadata__[{META_KEY!r}] is {metadata[META_KEY][:200]!r}; expected "
@@ -112,9 +135,10 @@ def as_mapping(adapters: Any, module: str | None) -> tuple[dict[str, LoraAdapter
                         "mapping of module path -> LoraAdapter")
     out = {}
     for m, ad in adapters.items():
-        if not isinstance(m, str) or not m or m != m.strip(".") or m.startswith(PEFT_PREFIX):
+        if isinstance(m, str) and m.startswith(PEFT_PREFIX):
             raise ValueError(f"module path {m!r}; expected a dotted path such as 'layers.0.q_proj' "
                              f"(without '{PEFT_PREFIX}')")
+        check_module_path(m)
         if not isinstance(ad, LoraAdapter):
             raise TypeError(f"adapters[{m!r}] is {type(ad).__name__}; expected a reflora.LoraAdapter")
         out[m] = ad
@@ -132,12 +156,18 @@ def adapter_tensors(adapters: Mapping[str, LoraAdapter], layout: str) -> dict[st
     return tensors
 
 
+def check_pair_dtypes(A: Any, B: Any, label: str) -> None:
+    """One floating dtype for lora_A and lora_B (the rule of load_peft, load_adapter and reflora merge)."""
+    if A.dtype != B.dtype:
+        raise FormatError(f"{label}: lora_A is {A.dtype} and lora_B {B.dtype}; expected one dtype for both "
+                          "(PEFT saves a module's A and B in one dtype)")
+    if A.dtype.kind != "f" and A.dtype.name not in ("bfloat16",):  # ml_dtypes' bfloat16 has kind "V"
+        raise FormatError(f"{label}: dtype {A.dtype}; expected a floating dtype")
+
+
 def build_adapter(module_label: str, A_RI: np.ndarray, B_OR: np.ndarray, *, alpha: float, use_rslora: bool,
            init: str, xp: Any, where: str) -> LoraAdapter:
-    if A_RI.dtype != B_OR.dtype:
-        raise FormatError(f"{where}: {module_label}: A is {A_RI.dtype} and B {B_OR.dtype}; expected one dtype")
-    if A_RI.dtype.kind != "f" and A_RI.dtype.name not in ("bfloat16",):  # ml_dtypes' bfloat16 has kind "V"
-        raise FormatError(f"{where}: {module_label}: dtype {A_RI.dtype}; expected a floating dtype")
+    check_pair_dtypes(A_RI, B_OR, f"{where}: {module_label}")
     A = asarray(np.ascontiguousarray(A_RI), xp=xp)
     B = asarray(np.ascontiguousarray(B_OR), xp=xp)
     try:

@@ -18,18 +18,18 @@ Key names live in ``reflora.io._keys``; PEFT folders in ``reflora.io.peft``.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from .._errors import FormatError
+from .._validate import check_real
 from ..adapter import LoraAdapter
 from ..backend import to_numpy
 from ..config import INIT_SCHEMES, LoraConfig
-from ._keys import (LAYOUTS, adapter_tensors, as_mapping, build_adapter, key, metadata_for, parse_key,
-                    read_record, unsupported_reason)
+from ._keys import (LAYOUTS, adapter_tensors, as_mapping, build_adapter, key, metadata_for, module_path_problem,
+                    parse_key, read_record, unsupported_reason)
 from .safetensors import load_tensors, save_tensors
 
 __all__ = ["LAYOUTS", "detect_layout", "layouts_roundtrip_error", "load_adapter", "save_adapter"]
@@ -180,8 +180,9 @@ def save_adapter(path: Any, adapter: Any, *, layout: str = "peft", module: str =
       (2, 4)
     """
     layout = _check_layout(layout)
-    if not isinstance(module, str) or not module or module != module.strip("."):
-        raise ValueError(f"module is {module!r}; expected a dotted module path such as 'linear'")
+    if module_path_problem(module):
+        raise ValueError(f"module is {module!r:.120}; expected a dotted module path such as 'linear' "
+                         f"(it {module_path_problem(module)})")
     adapters, single = as_mapping(adapter, module if layout == "peft" else "")
     for m, ad in adapters.items():
         extras = [n for n in ("magnitude", "lora_bias") if getattr(ad, n, None) is not None]
@@ -200,9 +201,7 @@ def _alpha_for(alpha: Any, module: str, where: str) -> float:
         if module not in alpha:
             raise ValueError(f"{where}: alpha has no entry for module {module!r}; got keys {sorted(alpha)}")
         alpha = alpha[module]
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha is {alpha!r}; expected a finite real number (or a mapping module -> alpha)")
-    return float(alpha)
+    return check_real(alpha, "alpha")
 
 
 def load_adapter(path: Any, *, layout: str | None = None, alpha: Any = None, use_rslora: bool | None = None,

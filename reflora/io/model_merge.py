@@ -42,7 +42,6 @@ a link switched by one rename to a complete, fsynced version folder
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -57,11 +56,14 @@ from .._errors import FormatError
 from ..numerics.merge import dora_merge, merge
 from ..numerics.rounding import BF16
 from ..numerics.merge_f32 import blas_threads
+from ._config import seed_file_message
+from ._files import open_regular, read_json
+from ._keys import check_module_path, check_pair_dtypes
 from .merge_writer import ShardWriter, default_workers, gpu_module
 from .model_folder import FolderOutput
 from .peft import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, pattern_key, read_peft_config
 from .safetensors import load_tensors
-from .safetensors_header import MAX_HEADER_BYTES, validate_header
+from .safetensors_header import MAX_HEADER_BYTES, header_length_message, validate_header
 
 __all__ = ["INDEX_NAME", "merge_model"]
 
@@ -90,15 +92,14 @@ class _Job(NamedTuple):
 
 def _read_header(path: str) -> _Header:
     """Validate a safetensors header without reading the data (bounded memory)."""
-    with open(path, "rb") as f:
+    with open_regular(path, "the base weights file") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise FormatError(f"{path}: file has {size} bytes; expected at least 8 (the header length)")
         raw_n = f.read(8)
         (n,) = struct.unpack("<Q", raw_n)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise FormatError(f"{path}: header length is {n} bytes; expected at most "
-                              f"{min(MAX_HEADER_BYTES, size - 8)}")
+            raise FormatError(header_length_message(path, raw_n, n, size))
         header = f.read(n)
     entries, metadata = validate_header(header, size - 8 - n, path)
     return _Header(path, raw_n + header, entries, metadata)
@@ -117,11 +118,7 @@ def _resolve_base(base: str) -> tuple[dict[str, _Header], dict | None]:
     if not os.path.exists(base):
         raise FileNotFoundError(f"{base}: no such file")
     if base.endswith(".index.json"):
-        try:
-            with open(base, encoding="utf-8") as f:
-                index = json.load(f)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{base}: not valid JSON ({exc})") from None
+        index = read_json(base, INDEX_NAME)
         wm = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
             raise FormatError(f"{base}: expected {{'weight_map': {{tensor name: shard file}}}}")
@@ -150,6 +147,8 @@ def _read_adapter(adapter: str) -> tuple[str, dict[str, dict[str, np.ndarray]], 
         folder, weights = os.path.dirname(os.path.abspath(adapter)), adapter
     if not os.path.exists(weights):
         raise FormatError(f"{adapter}: no {PEFT_WEIGHTS_NAME}; expected a PEFT adapter folder or its safetensors file")
+    if not os.path.isdir(adapter) and not os.path.lexists(os.path.join(folder, PEFT_CONFIG_NAME)):
+        raise FormatError(seed_file_message(adapter, folder))
     cfg = read_peft_config(folder, allow=("use_dora", "lora_bias"))
     tensors, _ = load_tensors(weights, xp="numpy")
     modules: dict[str, dict[str, np.ndarray]] = {}
@@ -158,7 +157,7 @@ def _read_adapter(adapter: str) -> tuple[str, dict[str, dict[str, np.ndarray]], 
         if part is None:
             raise FormatError(f"{weights}: tensor {name!r} is not one reflora merge handles; expected "
                               f"'{PEFT_PREFIX}<module>.' + one of {sorted(_SUFFIXES)} (Linear layers only)")
-        module = name[len(PEFT_PREFIX):-len(part) - 1]
+        module = check_module_path(name[len(PEFT_PREFIX):-len(part) - 1], weights, error=FormatError)
         if arr.dtype.kind != "f" and arr.dtype != BF16:
             raise FormatError(f"{weights}: tensor {name!r} has dtype {arr.dtype}; expected a floating dtype")
         modules.setdefault(module, {})[_SUFFIXES[part]] = arr
@@ -176,6 +175,7 @@ def _jobs(weights: str, modules: dict, cfg: dict) -> dict[str, _Job]:
         if "A" not in parts or "B" not in parts:
             raise FormatError(f"{label} has {sorted(parts)} but not both lora_A.weight and lora_B.weight")
         A, B = parts["A"], parts["B"]
+        check_pair_dtypes(A, B, label)
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
             raise FormatError(f"{label}: lora_A {A.shape}, lora_B {B.shape}; expected (R, I) and (O, R) "
                               "(Linear layers only)")

@@ -9,13 +9,12 @@ refuses what it cannot represent (embeddings, convolutions, modules_to_save,
 trainable tokens, base-modifying inits such as PiSSA, DoRA together with
 lora_bias) rather than mis-read it.
 
-All refusals of PEFT features live in ``UNSUPPORTED_CONFIG``: extend there.
+All refusals of PEFT features live in ``reflora.io._config.UNSUPPORTED_CONFIG``: extend there.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from typing import Any, Mapping
@@ -25,83 +24,13 @@ import numpy as np
 from .._errors import FormatError
 from ..adapter import LoraAdapter
 from ..backend import asarray, to_numpy
+from ._config import pattern_key, read_peft_config
 from ._keys import (PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, adapter_tensors, as_mapping, build_adapter,
                     metadata_for, parse_key, read_record, unsupported_reason)
-from .atomic import atomic_write
+from .atomic import atomic_folder, atomic_write, exists_message, owned_names, read_consistently
 from .safetensors import load_tensors, save_tensors
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft", "pattern_key", "read_peft_config", "save_peft"]
-
-
-#: adapter_config.json fields whose non-default value reflora cannot represent -> why.
-UNSUPPORTED_CONFIG = (
-    ("use_dora", lambda v: bool(v), "DoRA (use_dora=True) is not supported yet"),
-    ("lora_bias", lambda v: bool(v), "lora_bias=True (a bias on lora_B) is not supported yet"),
-    ("bias", lambda v: v not in (None, "none"), "bias other than 'none' saves base-layer biases"),
-    ("modules_to_save", lambda v: bool(v), "modules_to_save stores full copies of other modules"),
-    ("trainable_token_indices", lambda v: bool(v), "trainable tokens are not a LoRA adapter"),
-    ("layer_replication", lambda v: bool(v), "layer_replication changes the base model's structure"),
-    ("target_parameters", lambda v: bool(v), "LoRA on nn.Parameter (target_parameters) is not supported"),
-    ("use_qalora", lambda v: bool(v), "QALoRA is not supported"),
-    ("alora_invocation_tokens", lambda v: bool(v), "aLoRA (activated LoRA) is not supported"),
-    ("megatron_config", lambda v: bool(v), "Megatron-parallel LoRA is not supported"),
-    ("arrow_config", lambda v: bool(v), "Arrow routing is not supported"),
-    ("use_bdlora", lambda v: bool(v), "BD-LoRA is not supported"),
-    ("monteclora_config", lambda v: bool(v), "MonteCLoRA changes the LoRA forward; not supported"),
-    ("kasa_config", lambda v: bool(v), "KaSA changes the LoRA forward; not supported"),
-    ("velora_config", lambda v: bool(v), "VeLoRA is not supported"),
-    ("init_lora_weights", lambda v: isinstance(v, str) and v.lower().startswith(("pissa", "olora", "corda",
-                                                                                  "loftq", "lora_ga")),
-     "this init rewrites the base weight (the adapter is relative to a residual model); convert it with "
-     "PEFT's path_initial_model_for_weight_conversion first"),
-)
-
-
-def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", module)."""
-    for p in patterns:
-        if re.match(rf"(.*\.)?({p})$", module):
-            return p
-    return None
-
-
-def read_peft_config(directory: str, *, allow: tuple[str, ...] = ()) -> dict[str, Any]:
-    """adapter_config.json, checked; fields in ``allow`` are not refused (``reflora merge`` handles DoRA, lora_bias)."""
-    path = os.path.join(directory, PEFT_CONFIG_NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise FormatError(f"{directory}: no {PEFT_CONFIG_NAME}; expected a PEFT adapter directory") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{path}: a JSON {type(cfg).__name__}; expected an object")
-    ptype = cfg.get("peft_type")
-    if ptype != "LORA":
-        raise FormatError(f"{path}: peft_type is {ptype!r}; expected 'LORA'")
-    for field, bad, why in UNSUPPORTED_CONFIG:
-        if field not in allow and bad(cfg.get(field)):
-            raise FormatError(f"{path}: {field} = {cfg.get(field)!r}: {why}; refusing rather than mis-reading")
-    for field in ("r", "lora_alpha"):
-        v = cfg.get(field)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise FormatError(f"{path}: {field} is {v!r}; expected a number")
-    for field in ("rank_pattern", "alpha_pattern"):
-        v = cfg.get(field) or {}
-        if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                              for x in v.values()):
-            raise FormatError(f"{path}: {field} is {v!r}; expected an object of pattern -> number")
-        for p in v:
-            try:
-                re.compile(rf"(.*\.)?({p})$")  # as PEFT's get_pattern_key uses it
-            except re.error as exc:
-                raise FormatError(f"{path}: {field} key {p!r} is not a valid regular expression ({exc})") from None
-        cfg[field] = v
-    for field in ("use_rslora", "fan_in_fan_out"):
-        if not isinstance(cfg.get(field, False), bool):
-            raise FormatError(f"{path}: {field} is {cfg.get(field)!r}; expected true or false")
-    return cfg
 
 
 _PEFT_EXTRA_RE = re.compile(r"^" + re.escape(PEFT_PREFIX) + r"(.+)\.(lora_magnitude_vector|lora_B\.bias)$")
@@ -147,6 +76,10 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
     transposes the *base* weight: A and B keep these shapes, so it does not
     change the adapter. Dropout does not apply at inference.
 
+    The two files are read as one version: ``save_peft`` replaces the folder as a
+    whole, so when the folder at ``directory`` is another one after the read than
+    before it, the read is done again (at most three times).
+
     Args:
       directory: the folder ``save_pretrained`` wrote.
       xp: namespace of the returned arrays; None = default backend.
@@ -171,6 +104,10 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
       8.0
     """
     directory = os.fspath(directory)
+    return read_consistently(directory, lambda: _load_peft(directory, xp=xp, dtype=dtype))
+
+
+def _load_peft(directory: str, *, xp: Any, dtype: Any) -> dict[str, LoraAdapter]:
     cfg = read_peft_config(directory, allow=("use_dora", "lora_bias"))
     weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
     if not os.path.exists(weights):
@@ -237,7 +174,8 @@ def load_peft(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str,
 
 
 def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model_name_or_path: str | None = None,
-              fan_in_fan_out: bool = False, task_type: str | None = None, overwrite: bool = True) -> None:
+              fan_in_fan_out: bool = False, task_type: str | None = None, overwrite: bool = True,
+              config_template: Mapping[str, Any] | None = None) -> None:
     """Write a PEFT LoRA directory that ``PeftModel.from_pretrained`` loads.
 
     adapter_model.safetensors holds ``base_model.model.<m>.lora_A.weight``
@@ -256,6 +194,16 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
       fan_in_fan_out: set True for GPT-2 style Conv1D targets (base weight (I, O)).
       task_type: PEFT's task type (e.g. "CAUSAL_LM"), or None.
       overwrite: False refuses to replace existing files.
+      config_template: an adapter_config.json dict whose keys are kept where they
+        still hold (``reflora convert`` passes the source's, so a diff shows only
+        what changed: peft_version, task_type, auto_mapping, target_modules, ...).
+
+    The two files change together: they are written into a fresh folder beside
+    ``directory``, other files of ``directory`` are carried over (hard links),
+    and the new folder takes its place in one step (``reflora.io.atomic``). A
+    reader sees the old pair or the new pair. Where the folder cannot be swapped
+    (a mount point, the working directory, a read-only parent) the files are
+    replaced one by one, and ``load_peft`` refuses a pair from two saves.
 
     Raises:
       ValueError: adapters that disagree on use_rslora (one PEFT config holds
@@ -285,14 +233,16 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
                          "one lora_bias for all modules")
     if not isinstance(fan_in_fan_out, bool):
         raise TypeError(f"fan_in_fan_out is {fan_in_fan_out!r}; expected True or False")
+    if config_template is not None and not isinstance(config_template, Mapping):
+        raise TypeError(f"config_template is {type(config_template).__name__}; expected a mapping (an "
+                        f"{PEFT_CONFIG_NAME} read with json) or None")
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     cfg_path = os.path.join(directory, PEFT_CONFIG_NAME)
     weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
     if not overwrite:
         for p in (cfg_path, weights):
             if os.path.lexists(p):
-                raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
+                raise FileExistsError(exists_message(p))
 
     def most_common(values: list) -> Any:
         return max(sorted(set(values)), key=values.count)
@@ -321,12 +271,59 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
         "modules_to_save": None,
         "init_lora_weights": "gaussian" if inits == {"gaussian"} else True,
     }
-    save_tensors(weights, {**adapter_tensors(mods, "peft"), **_peft_extras(mods)}, metadata=metadata_for(mods, "peft"),
-                 overwrite=overwrite)
+    if config_template is not None:
+        config = _from_template(config, config_template, mods)
+    tensors = {**adapter_tensors(mods, "peft"), **_peft_extras(mods)}
     text = json.dumps(config, indent=2) + "\n"  # not sort_keys: pattern order matters to PEFT
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+    def build(folder: str) -> None:
+        save_tensors(os.path.join(folder, PEFT_WEIGHTS_NAME), tensors, metadata=metadata_for(mods, "peft"))
+        atomic_write(os.path.join(folder, PEFT_CONFIG_NAME), lambda tmp: _write_text(tmp, text), overwrite=True)
 
-    atomic_write(cfg_path, write, overwrite=overwrite)
+    final = os.path.realpath(directory)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    cwd = os.path.realpath(os.getcwd())
+    if (os.path.ismount(final) or cwd == final or cwd.startswith(final + os.sep)
+            or not os.access(os.path.dirname(final), os.W_OK)):
+        # the folder cannot be swapped (a mount point, the working directory, a read-only parent): write the
+        # two files in place, weights first; load_peft then detects a pair torn by a crash (the config record)
+        os.makedirs(directory, exist_ok=True)
+        build(directory)
+        return
+    atomic_folder(final, build, overwrite=True, keep=owned_names((PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+#: adapter_config.json keys save_peft decides from the adapters (a template's other keys are kept as given).
+_DERIVED = ("peft_type", "use_rslora", "use_dora", "lora_bias", "fan_in_fan_out")
+
+
+def _from_template(config: dict, template: Mapping, mods: Mapping[str, LoraAdapter]) -> dict:
+    """``template`` (e.g. the source's adapter_config.json when converting) with only what must change changed.
+
+    r, lora_alpha, rank_pattern and alpha_pattern stay as given when they give every module its own rank and
+    alpha (as PEFT resolves them); target_modules stays as given; the flags in ``_DERIVED`` come from the adapters.
+    """
+    out = dict(template)
+    for k in _DERIVED:
+        if k != "fan_in_fan_out" or k not in out:
+            out[k] = config[k]
+    try:
+        kept = {k: template.get(k) for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")}
+        rp, ap = dict(kept["rank_pattern"] or {}), dict(kept["alpha_pattern"] or {})
+        same = all(
+            (rp[k] if (k := pattern_key(rp, m)) is not None else kept["r"]) == ad.config.rank
+            and float(ap[k] if (k := pattern_key(ap, m)) is not None else kept["lora_alpha"]) == ad.config.alpha
+            for m, ad in mods.items())
+    except (TypeError, ValueError, re.error):
+        same = False
+    if not same:
+        for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+            out[k] = config[k]
+    if not out.get("target_modules"):
+        out["target_modules"] = config["target_modules"]
+    return out

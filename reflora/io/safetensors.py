@@ -43,9 +43,10 @@ import numpy as np
 
 from .._errors import FormatError
 from ..backend import asarray, dtype_name, normalize_xp, to_numpy
+from ._files import open_regular
 from .atomic import atomic_write
 from .safetensors_header import (FLOAT_NAMES, MAX_DIMS, MAX_HEADER_BYTES, SAFETENSORS_DTYPES, SPEC_NAMES,
-                                 validate_header)
+                                 header_length_message, validate_header)
 
 __all__ = ["MAX_HEADER_BYTES", "MAX_DIMS", "SAFETENSORS_DTYPES", "load_tensors", "read_header", "save_tensors"]
 
@@ -68,20 +69,18 @@ def _read_validated(path: Any, *, materialise: bool = True) -> tuple[list, dict[
     data exactly), each into a fresh aligned array of exactly its size.
     """
     where = os.fspath(path)
-    with open(path, "rb") as f:
+    with open_regular(path, "the safetensors file") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise FormatError(f"{where}: file has {size} bytes; expected at least 8 (the header length)")
         prefix = bytearray(8)
         _fill(f, memoryview(prefix), where, "header length")
         (n,) = struct.unpack("<Q", prefix)
-        if n > MAX_HEADER_BYTES:
-            raise FormatError(f"{where}: header length is {n} bytes; expected at most {MAX_HEADER_BYTES}")
-        if 8 + n > size:
-            raise FormatError(f"{where}: header length is {n} bytes but the file has only {size - 8} after the prefix")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise FormatError(header_length_message(where, bytes(prefix), n, size))
         header = bytearray(n)
         _fill(f, memoryview(header), where, "header")
-        entries, metadata = validate_header(bytes(header), size - 8 - n, where)
+        entries, metadata = validate_header(header, size - 8 - n, where)  # a bytearray: no copy
         arrays: dict[str, np.ndarray] = {}
         if materialise:
             for name, hdt, shape, begin, end in entries:

@@ -8,6 +8,8 @@ list of checks); every malformed header raises ``reflora.FormatError``.
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 import ml_dtypes
@@ -95,16 +97,43 @@ def _check_strings(obj: Any, where: str) -> None:
                 stack.append(v)
 
 
+# The shape every safetensors header has, as one regular expression over the JSON text:
+#   {"name": {"key": "string" | [int, ...], ...}, ...}
+# (an object of objects whose values are strings or flat lists of at most MAX_DIMS integers).
+# Possessive quantifiers (*+, ?+): nothing is ever backtracked, so the match is one pass over
+# the text in C with constant memory. Every header validate_header accepts has this shape.
+_WS = r"[ \t\n\r]*+"
+_STR = r'"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"'
+_INT = r"-?+(?:0|[1-9][0-9]*+)"
+_LIST = rf"\[{_WS}(?:{_INT}{_WS}(?:,{_WS}{_INT}{_WS}){{0,{MAX_DIMS - 1}}}+)?+\]"
+_PAIR = rf"{_STR}{_WS}:{_WS}(?:{_STR}|{_LIST}){_WS}"  # "key": "string" | [ints]
+_INNER = rf"\{{{_WS}(?:{_PAIR}(?:,{_WS}{_PAIR})*+)?+\}}"  # an entry or __metadata__
+_ENTRY = rf"{_STR}{_WS}:{_WS}{_INNER}{_WS}"  # "name": {...}
+HEADER_SHAPE = re.compile(rf"{_WS}\{{{_WS}(?:{_ENTRY}(?:,{_WS}{_ENTRY})*+)?+\}}{_WS}")
+#: Headers up to this size that do not have HEADER_SHAPE are parsed anyway, for a precise message.
+DETAIL_LIMIT = 1 << 20
+
+
 def validate_header(header_bytes: bytes, data_len: int, where: str) -> tuple[list, dict[str, str]]:
     """Check a header against the data length; return [(name, dtype, shape, begin, end)], metadata.
 
     Entries come back in file (offset) order. Raises FormatError for anything
     the format forbids, plus duplicates, unknown entry fields and > MAX_DIMS dims.
+
+    The JSON text is first matched against ``HEADER_SHAPE`` (one pass, no
+    allocation): only text of that shape is handed to ``json.loads``, so the
+    objects it builds are the header's own entries, never millions of nested
+    containers (``{"x":[{},{},...]}``) or list items. A larger header of another
+    shape is refused without being parsed; a small one (``DETAIL_LIMIT``) is
+    parsed to say precisely what is wrong.
     """
     try:
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FormatError(f"{where}: header is not valid UTF-8 ({exc.reason} at byte {8 + exc.start})") from None
+    shaped = HEADER_SHAPE.fullmatch(text) is not None
+    if not shaped and len(header_bytes) > DETAIL_LIMIT:
+        raise FormatError(_shape_message(where, text))
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except _DuplicateKey as exc:
@@ -160,6 +189,10 @@ def validate_header(header_bytes: bytes, data_len: int, where: str) -> tuple[lis
             if d > I64_MAX or numel > I64_MAX:
                 raise FormatError(f"{key}: shape {shape} of {dtype} overflows 64 bits (dimension or element count)")
         nbytes = numel * SAFETENSORS_DTYPES[dtype].itemsize
+        nonzero = math.prod(d for d in shape if d) * SAFETENSORS_DTYPES[dtype].itemsize
+        if nonzero > I64_MAX:  # NumPy refuses such a shape even when a 0 makes it empty
+            raise FormatError(f"{key}: shape {shape} of {dtype} is too large for an array (its nonzero dimensions "
+                              "hold more than 2**63 bytes)")
         if nbytes > U64_MAX:
             raise FormatError(f"{key}: shape {shape} of {dtype} overflows 64 bits ({numel} elements)")
         if end - begin != nbytes:
@@ -179,4 +212,28 @@ def validate_header(header_bytes: bytes, data_len: int, where: str) -> tuple[lis
     if position != data_len:
         raise FormatError(f"{where}: tensors cover {position} bytes of data; the file holds {data_len} "
                           f"(file length is not 8 + header + data)")
+    if not shaped:  # cannot happen: every header accepted above has HEADER_SHAPE
+        raise FormatError(_shape_message(where, text))
     return entries, metadata
+
+
+def header_length_message(where: str, prefix: bytes, n: int, size: int) -> str:
+    """The FormatError message for an 8-byte prefix that cannot be a header length (too large for the file)."""
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in prefix):  # text: JSON, a config, a README, a pointer file
+        kind = "JSON" if prefix.lstrip()[:1] in (b"{", b"[") else "text"
+        return (f"{where}: not a safetensors file (it starts with {prefix.decode('ascii')!r}, which looks like "
+                f"{kind}; a safetensors file starts with an 8-byte little-endian header length)")
+    if n > MAX_HEADER_BYTES:
+        return f"{where}: header length is {n} bytes; expected at most {MAX_HEADER_BYTES}"
+    return f"{where}: header length is {n} bytes but the file has only {size - 8} after the prefix"
+
+
+def _shape_message(where: str, text: str) -> str:
+    head = text.lstrip(" \t\n\r")[:1]
+    if head and head != "{":
+        return (f"{where}: not a safetensors file (its header starts with {text.lstrip()[:20]!r}; expected a JSON "
+                "object)")
+    return (f"{where}: header is not a safetensors header; expected one JSON object of "
+            '{"name": {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}} entries (lists of at most '
+            f"{MAX_DIMS} integers) and an optional "
+            '"__metadata__" object of strings')

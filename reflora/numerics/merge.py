@@ -147,6 +147,13 @@ def add_lowrank_float64(w: np.ndarray, a64: np.ndarray, b64: np.ndarray, s: floa
 
 
 def _apply(W, A, B, s, bias, lora_bias, fan_in_fan_out):
+    if not isinstance(fan_in_fan_out, (bool, np.bool_)):
+        raise TypeError(f"fan_in_fan_out is {fan_in_fan_out!r:.80} ({type(fan_in_fan_out).__name__}); expected "
+                        "True or False")
+    fan_in_fan_out = bool(fan_in_fan_out)
+    for name, a in (("W", W), ("A", A), ("B", B)):
+        if a is None:
+            raise TypeError(f"{name} is NoneType; expected an array")
     xp = _check_arrays(("W", "A", "B", "bias", "lora_bias"), (W, A, B, bias, lora_bias))
     w, a, b = _host_float(W, "W"), _host_float(A, "A"), _host_float(B, "B")
     R, I, O = _check_lowrank(w, a, b, fan_in_fan_out=fan_in_fan_out)

@@ -23,12 +23,11 @@ returns new parameters and a new state, and nothing passed in is written.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from .._validate import check_real
 from ..backend import array_namespace, dtype_name
 from ._arith import round_sum
 
@@ -43,11 +42,7 @@ class SGDState(NamedTuple):
 
 
 def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"SGD {name} is {value!r} ({type(value).__name__}); expected a finite real number")
-    if not math.isfinite(value):
-        raise ValueError(f"SGD {name} is {value!r}; expected a finite real number")
-    return float(value)
+    return check_real(value, f"SGD {name}")
 
 
 def _axpy(xp: Any, y: Any, alpha: float, x: Any) -> Any:

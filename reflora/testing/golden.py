@@ -63,6 +63,8 @@ from typing import Any
 import numpy as np
 
 from .._errors import FormatError
+from .._validate import check_real
+from ..io._files import read_json
 from ..io.safetensors import load_tensors, save_tensors
 from ..ops.lora import lora_backward, lora_forward
 from .checks import _f64
@@ -110,6 +112,29 @@ def _t(a: np.ndarray, layout: str) -> np.ndarray:
 
 
 def write_golden(directory: str, *, seed: int = 0, policy: TolerancePolicy | None = None) -> list[str]:
+    """Write every golden case and ``manifest.json`` into ``directory`` (created if needed), all or nothing.
+
+    The cases and manifest are written into a fresh folder beside ``directory``
+    that then takes its place in one step (``reflora.io.atomic.atomic_folder``):
+    a reader sees the previous golden folder or the new one, never a manifest
+    with another write's case files. Files of ``directory`` that are not golden
+    files (not the old manifest or a case it lists) are carried over.
+
+    Args / Returns / Example: as ``_write_golden_into``.
+    """
+    from ..io.atomic import atomic_folder, owned_names  # noqa: PLC0415
+
+    names: list[str] = []
+    try:
+        old = [c["file"] for c in _read_manifest(directory)["cases"]]
+    except (ValueError, OSError):
+        old = []
+    atomic_folder(directory, lambda tmp: names.extend(_write_golden_into(tmp, seed=seed, policy=policy)),
+                  overwrite=True, keep=owned_names([MANIFEST, *old]))
+    return names
+
+
+def _write_golden_into(directory: str, *, seed: int = 0, policy: TolerancePolicy | None = None) -> list[str]:
     """Write every golden case and ``manifest.json`` into ``directory`` (created if needed).
 
     Args:
@@ -216,12 +241,9 @@ def _reference_train(f: dict, s: float, sgd: SGDOptions) -> tuple[np.ndarray, np
 def _read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
+        manifest = read_json(path, MANIFEST)
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist; expected a folder written by `reflora golden write`") from None
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict):
         raise FormatError(f"{path} holds a JSON {type(manifest).__name__}; expected an object")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
@@ -247,9 +269,7 @@ def _read_manifest(directory: str) -> dict:
             if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                                     for n in shape)):
                 raise FormatError(f"{where}: outputs[{name!r}] has shape {shape!r:.60}; expected a list of sizes")
-            if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol) and tol >= 0):
-                raise FormatError(f"{where}: outputs[{name!r}] has tolerance {tol!r:.60}; expected a finite "
-                                  "number >= 0")
+            spec["tolerance"] = check_real(tol, f"{where}: outputs[{name!r}] tolerance", error=FormatError, minimum=0)
     return manifest
 
 
@@ -268,6 +288,13 @@ def check_golden(directory: str, results: str) -> tuple[list[dict], bool]:
       ValueError: the golden folder is missing; FormatError (a ValueError): its manifest or a golden
         file is not this format.
     """
+    from ..io.atomic import read_consistently  # noqa: PLC0415
+
+    # write_golden replaces the folder as a whole: never grade with one version's manifest and another's cases
+    return read_consistently(directory, lambda: _check_golden(directory, results))
+
+
+def _check_golden(directory: str, results: str) -> tuple[list[dict], bool]:
     manifest = _read_manifest(directory)
     rows, ok = [], True
     for case in manifest["cases"]:
@@ -324,8 +351,11 @@ def format_table(rows: list[dict]) -> str:
     width = max([len(r["case"]) for r in rows] + [4])
     lines = [f"{'case':<{width}}  status  {'worst tensor':<14} {'max abs err':>11}  {'tolerance':>10}  err/tol"]
     for r in rows:
-        lines.append(f"{r['case']:<{width}}  {r['status']:<6}  {r['worst']:<14} {r['err']:>11.3g}  "
-                     f"{r['tolerance']:>10.3g}  {r['ratio']:.3f}")
+        if r["worst"] == "-":  # nothing was compared (a missing or unreadable results file): no figures
+            lines.append(f"{r['case']:<{width}}  {r['status']:<6}  {'-':<14} {'-':>11}  {'-':>10}  -")
+        else:
+            lines.append(f"{r['case']:<{width}}  {r['status']:<6}  {r['worst']:<14} {r['err']:>11.3g}  "
+                         f"{r['tolerance']:>10.3g}  {r['ratio']:.3f}")
         for f in r["failures"]:
             lines.append(f"{'':<{width}}    - {f}")
     n_bad = sum(r["status"] != "ok" for r in rows)

@@ -81,12 +81,12 @@ computation to run on a device.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
 
+from .._validate import check_real
 from ..backend import dtype_name
 from ..numerics.rounding import round_to_dtype
 from ..ops.lora import lora_backward, lora_forward
@@ -386,8 +386,7 @@ class TolerancePolicy:
     def __post_init__(self):
         object.__setattr__(self, "_cache", {})
         _check_acc(self.accumulate)
-        if not (isinstance(self.k, (int, float)) and math.isfinite(self.k) and self.k >= 1):
-            raise ValueError(f"k is {self.k!r}; expected a finite number >= 1")
+        check_real(self.k, "k", minimum=1)
         for key, fields in self.overrides.items():
             parts = key.split("/") if isinstance(key, str) else []
             if not (len(parts) == 1 and (parts[0] in DTYPES or parts[0] in TENSORS)
@@ -398,10 +397,11 @@ class TolerancePolicy:
             if unknown:
                 raise ValueError(f"override {key!r} has fields {sorted(unknown)}; expected k, floor_rel, floor_abs")
             for f, v in fields.items():
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                if not ok or v < (1 if f == "k" else 0):
-                    raise ValueError(f"override {key!r} sets {f} = {v!r}; expected a finite number "
-                                     f">= {1 if f == 'k' else 0}")
+                try:
+                    check_real(v, f, minimum=1 if f == "k" else 0)
+                except (ValueError, TypeError):
+                    raise ValueError(f"override {key!r} sets {f} = {v!r:.60}; expected a finite number "
+                                     f">= {1 if f == 'k' else 0}") from None
 
     def tolerance(self, tensor: str, dtype: Any) -> Tolerance:
         """The Tolerance for one tensor name ("y", "dA", ...) and dtype."""

@@ -69,7 +69,7 @@ def test_inspect_bare_file_and_directory(tmp_path, capsys):
     sq = tmp_path / "square.safetensors"
     save_tensors(sq, {"lora_a": np.ones((3, 3)), "lora_b": np.ones((3, 3))})
     assert main(["inspect", str(sq)]) == 2
-    assert "layout='seed'" in capsys.readouterr().err
+    assert "--layout seed" in capsys.readouterr().err
     assert main(["inspect", str(sq), "--layout", "seed", "--alpha", "3"]) == 0
 
 
@@ -87,9 +87,11 @@ def test_convert_round_trips(tmp_path, capsys):
             assert back[m].config == ad.config
             np.testing.assert_array_equal(back[m].A, ad.A)
             np.testing.assert_array_equal(back[m].B, ad.B)
-    # refuses to overwrite without --force; bare sources need --alpha
+    # refuses to overwrite without --overwrite (--force: its deprecated, hidden alias); bare sources need --alpha
     assert main(["convert", str(src), str(tmp_path / "s.safetensors"), "--to", "seed"]) == 2
-    assert "--force" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "exists; pass --overwrite to replace it" in err and "exists exists" not in err, err
+    assert main(["convert", str(src), str(tmp_path / "s.safetensors"), "--to", "seed", "--overwrite"]) == 0
     assert main(["convert", str(src), str(tmp_path / "s.safetensors"), "--to", "seed", "--force"]) == 0
     rng = np.random.default_rng(3)
     bare = tmp_path / "bare.safetensors"

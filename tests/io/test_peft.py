@@ -228,7 +228,7 @@ def test_unrepresentable_peft_configs_are_refused(tmp_path, case):
     ("peft_type", "IA3", "expected 'LORA'"),
     ("r", 3, "R = 3 from r"),
     ("rank_pattern", {"proj": 5}, r"rank_pattern\['proj'\]"),
-    ("lora_alpha", "8", "expected a number"),
+    ("lora_alpha", "8", "expected a finite real number"),
     ("use_rslora", "yes", "true or false"),
     ("alpha_pattern", {"pro(j": 2}, "not a valid regular expression"),
     ("use_dora", True, "lacks lora_magnitude_vector"),

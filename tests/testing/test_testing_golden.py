@@ -136,7 +136,7 @@ def test_a_folder_that_is_not_golden_is_a_usage_error(tmp_path, capsys):
     (lambda m: m.pop("cases"), "'cases' is None; expected a list"),
     (lambda m: m["cases"][0].pop("outputs"), r"cases\[0\]: 'outputs' is None"),
     (lambda m: m["cases"][1].update(file="../x.safetensors"), r"cases\[1\]: 'file' is '../x.safetensors'"),
-    (lambda m: m["cases"][0]["outputs"]["y"].pop("tolerance"), r"outputs\['y'\] has tolerance None"),
+    (lambda m: m["cases"][0]["outputs"]["y"].pop("tolerance"), r"outputs\['y'\] tolerance is None"),
     (lambda m: m["cases"][0]["outputs"]["y"].update(shape="2x3"), r"outputs\['y'\] has shape '2x3'"),
 ])
 def test_a_malformed_manifest_is_a_usage_error(golden, tmp_path, capsys, edit, match):

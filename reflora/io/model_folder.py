@@ -33,6 +33,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import warnings
 from typing import Iterable
 
 __all__: list[str] = []
@@ -40,18 +41,24 @@ __all__: list[str] = []
 _KINDS = ("v", "l", "o")  # version folder, link being made, old plain folder
 
 
-def _fsync_dir(path: str) -> None:
-    """Make renames in a folder durable; report nothing (the new content is already in place)."""
+def _fsync_dir(path: str, *, after_switch: bool = False) -> None:
+    """Make renames in a folder durable.
+
+    Before the switch a failure raises (the new version is not known to be on disk, so OUT
+    keeps the old one). After it, OUT already names the new version: a failure is reported
+    as a RuntimeWarning and never undoes the write.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if not after_switch:
+            raise
+        warnings.warn(f"{path}: syncing the folder after the switch failed ({exc}); the new output is in place "
+                      "but may not survive a power loss", RuntimeWarning, stacklevel=3)
 
 
 class FolderOutput:
@@ -143,7 +150,7 @@ class FolderOutput:
         olds = [n for n in names if n[len(self.prefix)] == "o"]
         if olds and not os.path.lexists(self.out):
             os.rename(os.path.join(self.parent, olds[0]), self.out)  # the crash hit between the two renames
-            _fsync_dir(self.parent)
+            _fsync_dir(self.parent, after_switch=True)
         current = self._ours()
         for n in self.leftovers():
             if n == current:
@@ -205,8 +212,8 @@ class FolderOutput:
                     with contextlib.suppress(OSError):
                         os.rename(aside, self.out)  # put it back (else the next run does)
                 raise
-        _fsync_dir(self.parent)
-        self.version = None
+        self.version = None  # published: from here on nothing may remove it
+        _fsync_dir(self.parent, after_switch=True)
         if previous is not None:
             with contextlib.suppress(OSError):  # the new output is in place; a leftover is cleaned next run
                 shutil.rmtree(os.path.join(self.parent, previous))

@@ -108,7 +108,7 @@ _INT = r"-?+(?:0|[1-9][0-9]*+)"
 _LIST = rf"\[{_WS}(?:{_INT}{_WS}(?:,{_WS}{_INT}{_WS}){{0,{MAX_DIMS - 1}}}+)?+\]"
 _PAIR = rf"{_STR}{_WS}:{_WS}(?:{_STR}|{_LIST}){_WS}"  # "key": "string" | [ints]
 _INNER = rf"\{{{_WS}(?:{_PAIR}(?:,{_WS}{_PAIR})*+)?+\}}"  # an entry or __metadata__
-_ENTRY = rf"{_STR}{_WS}:{_WS}{_INNER}{_WS}"  # "name": {...}
+_ENTRY = rf"{_STR}{_WS}:{_WS}(?:{_INNER}|null){_WS}"  # "name": {...}; "__metadata__": null (mlx writes it)
 HEADER_SHAPE = re.compile(rf"{_WS}\{{{_WS}(?:{_ENTRY}(?:,{_WS}{_ENTRY})*+)?+\}}{_WS}")
 #: Headers up to this size that do not have HEADER_SHAPE are parsed anyway, for a precise message.
 DETAIL_LIMIT = 1 << 20

@@ -182,7 +182,7 @@ def _w_convert_peft(d, v):
 def _w_merge(d, v):
     from reflora.io.model_merge import merge_model
 
-    out = os.path.join(d, "merged.safetensors")
+    out = os.path.join(d, "merged")  # a model folder (OUT/model.safetensors), switched atomically
     merge_model(os.path.join(d, "base.safetensors"), os.path.join(d, f"src{v}"), out, overwrite=True, progress=False)
     return out
 
@@ -284,6 +284,8 @@ def test_an_oserror_at_every_call_leaves_old_or_new(tmp_path, monkeypatch, name)
             except Exception as exc:  # _Injected, or what it caused (a failed stat: "no such file", EEXIST...)
                 raised = exc
         what = faults.log[n - 1] if n <= len(faults.log) else "?"
+        assert not (os.path.islink(dest) and not os.path.exists(dest)), \
+            f"call {n} ({what}) failed: the destination is a dangling link (its version was removed)"
         state = _snapshot(dest)
         if raised is not None and name in _RAISES_AFTER_WRITING and state == new:
             outcomes["new (raised)"] = outcomes.get("new (raised)", 0) + 1

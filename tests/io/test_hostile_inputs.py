@@ -308,7 +308,7 @@ def test_catastrophic_pattern_does_not_hang_load_peft_or_merge(tmp_path):
         import reflora, sys
         from reflora.io.model_merge import merge_model
         print(reflora.load_peft({str(d)!r})[{module!r}].scale)
-        merge_model({str(base)!r}, {str(d)!r}, {str(tmp_path / "m.safetensors")!r}, progress=False)
+        merge_model({str(base)!r}, {str(d)!r}, {str(tmp_path / "m")!r}, progress=False)
         print("merged")
     """)
     # the key does not match 'aaa...a!' (it would need to end the path): PEFT's answer is lora_alpha / r

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import warnings
 import threading
 
 import ml_dtypes
@@ -147,11 +148,17 @@ def test_every_fault_leaves_old_or_new(setup, monkeypatch, crash, plain):
             assert calls > 20, calls
             continue
         faults.arm(k, crash)
-        try:
-            mm.merge_model(tmp / "base", tmp / "a2", out, overwrite=True, progress=False, workers=2)
-        except OSError:
-            pass
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                mm.merge_model(tmp / "base", tmp / "a2", out, overwrite=True, progress=False, workers=2)
+            except OSError:
+                pass
         faults.off()
+        # the only warning a fault may cause: the folder sync after the switch (the output is then new)
+        for w in caught:
+            assert issubclass(w.category, RuntimeWarning) and "after the switch failed" in str(w.message), w
+            assert snapshot(out) == new, f"fault at call {k}: warned after the switch, yet OUT is not new"
         seen = snapshot(out)
         if seen is None:
             # only a plain folder, between "set aside" and "link in": the next run puts it back first

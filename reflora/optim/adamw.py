@@ -66,7 +66,9 @@ class AdamState(NamedTuple):
 
 
 def _number(cls: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{cls} {name} is {value!r} ({type(value).__name__}); expected a finite real number")
+    if not math.isfinite(value):
         raise ValueError(f"{cls} {name} is {value!r}; expected a finite real number")
     return float(value)
 
@@ -109,7 +111,10 @@ class Adam:
 
     Raises:
       ValueError: as torch raises it (negative lr, eps or weight_decay; a beta
-        outside [0, 1)), and for non-finite numbers or malformed groups.
+        outside [0, 1)), and for non-finite numbers, a betas that is not a pair,
+        a parameter in two groups or a group key other than params/lr/weight_decay.
+      TypeError: a hyper-parameter that is not a real number, a flag that is not a
+        bool, groups that are not a list of dicts with a list of keys.
 
     Example:
       >>> import numpy as np
@@ -130,7 +135,7 @@ class Adam:
         self.lr, self.betas, self.eps, self.weight_decay = _hyper(self._name, lr, betas, eps, weight_decay)
         for name, flag in (("amsgrad", amsgrad), ("maximize", maximize)):
             if not isinstance(flag, bool):
-                raise ValueError(f"{self._name} {name} is {flag!r}; expected True or False")
+                raise TypeError(f"{self._name} {name} is {flag!r}; expected True or False")
         self.amsgrad, self.maximize = amsgrad, maximize
         self.groups = self._groups(groups)
 
@@ -138,12 +143,16 @@ class Adam:
         if groups is None:
             return ()
         if isinstance(groups, Mapping) or not isinstance(groups, (tuple, list)):
-            raise ValueError(f"{self._name} groups is {type(groups).__name__}; expected a list of "
+            raise TypeError(f"{self._name} groups is {type(groups).__name__}; expected a list of "
                              f"{{'params': [keys], 'lr': ..., 'weight_decay': ...}} dicts")
         out, seen = [], set()
         for i, g in enumerate(groups):
             if not isinstance(g, Mapping) or "params" not in g:
-                raise ValueError(f"{self._name} groups[{i}] is {g!r}; expected a dict with a 'params' list of keys")
+                raise TypeError(f"{self._name} groups[{i}] is {g!r}; expected a dict with a 'params' list of keys")
+            if not isinstance(g["params"], (tuple, list)):
+                # a string would be read as its characters: {"params": "AB"} as ["A", "B"]
+                raise TypeError(f"{self._name} groups[{i}]['params'] is {g['params']!r}; expected a list of "
+                                f"parameter keys")
             extra = set(g) - {"params", "lr", "weight_decay"}
             if extra:
                 raise ValueError(f"{self._name} groups[{i}] has keys {sorted(extra)}; expected only 'params', "

@@ -229,6 +229,28 @@ def test_bad_groups_are_errors():
         reflora.AdamW(0.1, groups=[{"params": ["C"]}]).init({"A": np.ones(1)})
 
 
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_wrong_types_are_type_errors(cls):
+    """STYLE: TypeError for a wrong type, ValueError for a wrong value (as SGD raises them)."""
+    opt = getattr(reflora, cls)
+    with pytest.raises(TypeError, match=r"lr is '0.1' \(str\); expected a finite real number"):
+        opt("0.1")
+    with pytest.raises(TypeError, match=r"betas\[1\] is '0.99'"):
+        opt(0.1, betas=(0.9, "0.99"))
+    with pytest.raises(TypeError, match="amsgrad is 1; expected True or False"):
+        opt(0.1, amsgrad=1)
+    with pytest.raises(TypeError, match="groups is dict"):
+        opt(0.1, groups={"params": ["A"]})
+    with pytest.raises(ValueError, match="lr is inf; expected a finite"):
+        opt(float("inf"))
+
+
+def test_group_params_must_be_a_list_of_keys():
+    """A string is not read as its characters: {"params": "AB"} once became the group ["A", "B"]."""
+    with pytest.raises(TypeError, match=r"groups\[0\]\['params'\] is 'AB'; expected a list"):
+        reflora.AdamW(0.1, groups=[{"params": "AB"}])
+
+
 def test_step_is_pure_and_checks_its_inputs():
     opt = reflora.AdamW(0.1, amsgrad=True)
     p = {"A": np.ones((2, 2)), "B": np.ones(3)}

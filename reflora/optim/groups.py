@@ -50,7 +50,8 @@ def loraplus_groups(params: Mapping[str, Any], *, lr: float, loraplus_lr_ratio: 
       groupB_no_decay.
 
     Raises:
-      ValueError: a non-finite or negative number; params not a mapping of names.
+      ValueError: a non-finite or negative number.
+      TypeError: a number that is not a real; params not a mapping of names.
 
     Example:
       >>> import numpy as np
@@ -59,11 +60,13 @@ def loraplus_groups(params: Mapping[str, Any], *, lr: float, loraplus_lr_ratio: 
       [(['A'], 0.0001), (['B'], 0.0016)]
     """
     if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
-        raise ValueError(f"params is {type(params).__name__}; expected a dict of name -> array")
+        raise TypeError(f"params is {type(params).__name__}; expected a dict of name -> array")
     for name, v in (("lr", lr), ("loraplus_lr_ratio", loraplus_lr_ratio),
                     ("loraplus_lr_embedding", loraplus_lr_embedding),
                     ("loraplus_weight_decay", loraplus_weight_decay)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} is {v!r} ({type(v).__name__}); expected a finite number >= 0")
+        if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} is {v!r}; expected a finite number >= 0")
     groups: dict[str, list[str]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
     for name, p in params.items():

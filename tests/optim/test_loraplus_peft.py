@@ -66,6 +66,10 @@ def test_adapter_names_follow_peft_rules():
         (["A"], 0.1, 0.5), ([], 1e-6, 0.5), (["B", "m"], 0.4, 0.5), (["lora_bias"], 0.4, 0.0)]
     with pytest.raises(ValueError, match="loraplus_lr_ratio is -1; expected a finite number >= 0"):
         reflora.loraplus_groups(p, lr=0.1, loraplus_lr_ratio=-1)
+    with pytest.raises(TypeError, match=r"loraplus_lr_ratio is '4' \(str\)"):
+        reflora.loraplus_groups(p, lr=0.1, loraplus_lr_ratio="4")
+    with pytest.raises(TypeError, match="params is list; expected a dict"):
+        reflora.loraplus_groups(list(p.values()), lr=0.1, loraplus_lr_ratio=4.0)
 
 
 def test_peft_model_training_run_is_reproduced():

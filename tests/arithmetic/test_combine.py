@@ -418,3 +418,23 @@ def test_errors(rng):
         reflora.combine([a, a], [1.0, 1.0], method="dare_linear", density=0.5, masks=bad)
     # weights as a NumPy vector are fine
     assert_sum(reflora.combine([a, b], np.array([0.5, 2.0])), [a, b], [0.5, 2.0])
+
+
+def test_wrong_types_are_type_errors_and_seeds_are_checked(rng):
+    """STYLE: TypeError for a wrong type, ValueError for a wrong value; a negative seed in the house wording."""
+    a = _ad(rng, 4, 5, 2)
+    cases = [
+        (dict(weights=["1"]), TypeError, r"weights\[0\] is '1' \(str\)"),
+        (dict(weights=[None]), TypeError, r"weights\[0\] is None"),
+        (dict(weights=[float("inf")]), ValueError, r"weights\[0\] is inf; expected a finite"),
+        (dict(weights=[1.0], rank=2.0), TypeError, "rank is 2.0"),
+        (dict(weights=[1.0], method="ties", density="0.5"), TypeError, "density is '0.5'"),
+        (dict(weights=[1.0], method="svd", svd_rank=1.5), TypeError, "svd_rank is 1.5"),
+        (dict(weights=[1.0], method="svd", svd_clamp="0.9"), TypeError, "svd_clamp is '0.9'"),
+        (dict(weights=[1.0], method="svd", svd_full_matrices=1), TypeError, "svd_full_matrices is 1"),
+        (dict(weights=[1.0], method="dare_linear", density=0.5, seed=1.5), TypeError, "seed is 1.5"),
+        (dict(weights=[1.0], method="dare_linear", density=0.5, seed=-1), ValueError, "seed is -1; expected an int >= 0"),
+    ]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            reflora.combine([a], **kw)

@@ -45,6 +45,7 @@ import math
 import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 
+from .._validate import _is_real_floating
 from ..backend import array_namespace
 from ._tree import items as _items, rebuild as _rebuild
 from ._arith import Arith
@@ -215,9 +216,10 @@ class Adam:
             if tuple(g.shape) != tuple(p.shape):
                 raise ValueError(f"grads[{key!r}] has shape {tuple(g.shape)}; expected {tuple(p.shape)}, "
                                  f"the parameter's")
-            if g.dtype != p.dtype or not xp.isdtype(p.dtype, "real floating"):
+            if g.dtype != p.dtype or not _is_real_floating(xp, p.dtype):
                 raise TypeError(f"params[{key!r}] and grads[{key!r}] have dtypes {p.dtype}, {g.dtype}; "
-                                f"expected one real floating dtype")
+                                f"expected one real floating dtype (float16, float32 or float64; bfloat16 is not "
+                                f"an array-API dtype: use float32)")
             for what, s in (("exp_avg", m), ("exp_avg_sq", v), ("max_exp_avg_sq", vmax)):
                 if s is not None and (tuple(s.shape) != tuple(p.shape) or s.dtype != p.dtype):
                     raise ValueError(f"state.{what} for {key!r} has shape {tuple(s.shape)} and dtype {s.dtype}; "

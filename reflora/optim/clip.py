@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import _is_real_floating
 from ..backend import array_namespace
 from ._tree import items as _items, rebuild as _rebuild
 from ._arith import Arith
@@ -99,9 +100,10 @@ def clip_grad_norm(grads: Any, max_norm: float, *, norm_type: float | str = 2.0,
     xp = array_namespace(*vals, names=tuple(f"grads[{k!r}]" for k in keys))
     dt = vals[0].dtype
     for k, g in zip(keys, vals):
-        if g.dtype != dt or not xp.isdtype(g.dtype, "real floating"):
+        if g.dtype != dt or not _is_real_floating(xp, g.dtype):
             raise TypeError(f"grads[{k!r}] has dtype {g.dtype}; expected one real floating dtype for all "
-                            f"gradients ({dt}, that of grads[{keys[0]!r}])")
+                            f"gradients ({dt}, that of grads[{keys[0]!r}]): float16, float32 or float64 (bfloat16 is not "
+                            f"an array-API dtype: use float32)")
     r = Arith(xp, dt)
     f64 = xp.float64
     # each tensor's norm, rounded to the dtype, then the norm of those norms

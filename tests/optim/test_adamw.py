@@ -296,3 +296,17 @@ def test_float32_bit_for_bit_over_shapes_and_scales(n, scale, cls, opts, lr, see
         _run(cls, opts, p0, noise, xp, steps=3, patch_sqrt=True, monkeypatch=mp, lr=lr, check=check)
     finally:
         mp.undo()
+
+
+def test_bfloat16_is_refused_in_reflora_words():
+    """bfloat16 is not an array-API dtype (docs/conventions.md): SGD, Adam(W) and clip_grad_norm said
+    "dtype argument must be a NumPy dtype" (array_api_compat's isdtype); now a TypeError that names it."""
+    import ml_dtypes
+
+    p = {"A": np.ones((2, 2), dtype=ml_dtypes.bfloat16)}
+    g = {"A": np.ones((2, 2), dtype=ml_dtypes.bfloat16)}
+    for opt in (reflora.AdamW(0.1), reflora.Adam(0.1), reflora.SGD(0.1)):
+        with pytest.raises(TypeError, match="have dtypes bfloat16, bfloat16; expected one real floating dtype"):
+            opt.step(p, g, opt.init(p))
+    with pytest.raises(TypeError, match="has dtype bfloat16; expected one real floating dtype"):
+        reflora.clip_grad_norm(g, 1.0)

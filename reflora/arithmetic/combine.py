@@ -282,8 +282,9 @@ def combine(adapters, weights, *, method="exact", rank=None, density=None, major
       majority_sign_method: "total" or "frequency" (ties, dare_ties and their svd forms).
       seed: DARE only: an int; the masks are ``dare_masks(adapters, ..., seed=seed)``.
       masks: DARE only, instead of seed: the keep-masks, as ``dare_masks`` returns them.
-      svd_rank: svd methods: the result's rank (default: the largest input rank, over
-        all modules, as PEFT).
+      svd_rank: svd methods: the result's rank (default: the largest rank of any input
+        module; PEFT's default is the largest *configured* rank, max(r, *rank_pattern
+        values), larger when a rank_pattern lowers every module below r: pass svd_rank=r).
       svd_clamp: svd methods: clamp the new factors' entries to ±(this quantile of them), in [0, 1].
       svd_full_matrices, svd_driver: accepted for PEFT compatibility; they do not change
         the result (the truncation keeps the same singular vectors; the driver is cuSOLVER's).

@@ -224,6 +224,7 @@ def dare_masks(adapters, *, method, density, seed) -> Any:
                 continue
             masks = {}
             for name, shape in _mask_shapes(method, ad).items():
+                # Note: drawn with NumPy on the host (one generator for every backend), then moved to ad.A's
                 host = (rng.random(shape) < d).astype(np.float64)
                 masks[name] = array_namespace(ad.A).asarray(host, dtype=ad.A.dtype)
             row.append(masks)

@@ -200,6 +200,11 @@ class Adam:
         """
         if not isinstance(state, AdamState):
             raise TypeError(f"state is {type(state).__name__}; expected the AdamState from {self._name}.init")
+        if isinstance(state.count, bool) or not isinstance(state.count, int):
+            raise TypeError(f"state.count is {state.count!r}; expected the number of steps taken, an int >= 0")
+        if state.count < 0:
+            # a count of -1 with moments present made t = 0: 1 - b1^0 = 0, a ZeroDivisionError
+            raise ValueError(f"state.count is {state.count!r}; expected the number of steps taken, an int >= 0")
         pkeys, pvals = _items(params, "params")
         gkeys, gvals = _items(grads, "grads")
         mkeys, ms = _items(state.exp_avg, "state.exp_avg")

@@ -272,6 +272,10 @@ def test_step_is_pure_and_checks_its_inputs():
         opt.step(p, g, None)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
         opt.step(p1, g, s1._replace(max_exp_avg_sq={"A": None, "B": None}))
+    for bad, exc in ((-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        # -1 with moments present divided by 1 - b1^0 = 0 (a ZeroDivisionError)
+        with pytest.raises(exc, match="state.count is .*; expected the number of steps taken"):
+            opt.step(p1, g, s1._replace(count=bad))
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402

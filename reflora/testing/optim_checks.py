@@ -247,7 +247,7 @@ def _label(fn: Any) -> str:
 def _check_problem(check: str, step: Callable, seed: int, options: AdamOptions, *, dtype: str, to: Any,
                    check_dtype: bool, decoupled: bool) -> dict[str, float]:
     if dtype not in _UNIT or dtype == "float64":
-        raise ValueError(f"dtype is {dtype!r}; expected 'float32', 'float16' or 'bfloat16'")
+        raise TypeError(f"dtype is {dtype!r}; expected 'float32', 'float16' or 'bfloat16'")
     if not isinstance(options, AdamOptions):
         raise TypeError(f"options is {type(options).__name__}; expected reflora.testing.optim_checks.AdamOptions")
     if isinstance(options.steps, bool) or not isinstance(options.steps, int) or options.steps < 1:
@@ -308,7 +308,8 @@ def check_adamw(step: Callable, *, dtype: str = "float32", seeds: int = 2, steps
 
     Raises:
       AssertionError: the first failing problem, with the error, the tolerance and a reproducer.
-      ValueError, TypeError: a bad dtype, seeds or steps.
+      TypeError: a dtype other than those three; seeds or steps not an int.
+      ValueError: seeds < 1 or steps < 2.
 
     Example:
       >>> import reflora, reflora.testing as rt

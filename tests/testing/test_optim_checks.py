@@ -173,7 +173,8 @@ def test_grid_and_problems_are_exact_in_bfloat16():
 
 
 def test_bad_dtype_and_bad_return_are_reported():
-    with pytest.raises(ValueError, match="expected 'float32', 'float16' or 'bfloat16'"):
+    # TypeError, as check_forward and check_combine raise it for a dtype they do not take
+    with pytest.raises(TypeError, match="expected 'float32', 'float16' or 'bfloat16'"):
         rt.check_adamw(_numpy_step(True), dtype="float64")
     with pytest.raises(AssertionError, match="expected \\(params dict, state\\)"):
         rt.check_adamw(lambda p, g, s, **kw: p, dtype="float32")

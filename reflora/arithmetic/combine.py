@@ -162,9 +162,22 @@ def _module_inputs(mod: str, items: list[tuple[int, Any, float]]) -> None:
                             "the first")
         if not _real_floating(xp, ad.A.dtype):
             raise TypeError(f"{where}adapters[{i}] has dtype {ad.A.dtype}; expected a real floating dtype")
-        if ad.A.shape[1] != a0.A.shape[1] or ad.B.shape[0] != a0.B.shape[0]:
+        if (ad.A.ndim != 2 or ad.B.ndim != 2 or ad.B.shape[1] != ad.A.shape[0] or ad.A.shape[1] != a0.A.shape[1]
+                or ad.B.shape[0] != a0.B.shape[0]):
             raise ValueError(f"{where}adapters[{i}] has A {tuple(ad.A.shape)}, B {tuple(ad.B.shape)}; expected "
                              f"(R, I) = (R, {a0.A.shape[1]}) and (O, R) = ({a0.B.shape[0]}, R) like the first")
+        # duck-typed adapters are welcome, so what LoraAdapter guarantees is checked here
+        s = ad.scale
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+            raise (ValueError if isinstance(s, numbers.Real) and not isinstance(s, bool) else TypeError)(
+                f"{where}adapters[{i}].scale is {s!r}; expected a finite real number")
+        O, I = a0.B.shape[0], a0.A.shape[1]
+        for name, shape in (("B", None), ("W", (O, I)), ("bias", (O,)), ("magnitude", (O,)), ("lora_bias", (O,))):
+            v = getattr(ad, name, None)
+            if v is not None and shape is not None and tuple(v.shape) != shape:
+                raise ValueError(f"{where}adapters[{i}].{name} has shape {tuple(v.shape)}; expected {shape}")
+            if v is not None and v.dtype != ad.A.dtype:
+                raise TypeError(f"{where}adapters[{i}].{name} has dtype {v.dtype}; expected {ad.A.dtype}, A's")
         if getattr(ad, "merged", False):
             raise ValueError(f"{where}adapters[{i}] is merged into its W; unmerge() it before combining")
 

@@ -102,8 +102,8 @@ def clip_grad_norm(grads: Any, max_norm: float, *, norm_type: float | str = 2.0,
     for k, g in zip(keys, vals):
         if g.dtype != dt or not _is_real_floating(xp, g.dtype):
             raise TypeError(f"grads[{k!r}] has dtype {g.dtype}; expected one real floating dtype for all "
-                            f"gradients ({dt}, that of grads[{keys[0]!r}]): float16, float32 or float64 (bfloat16 is not "
-                            f"an array-API dtype: use float32)")
+                            f"gradients ({dt}, that of grads[{keys[0]!r}]): float16, float32 or float64 "
+                            f"(bfloat16 is not an array-API dtype: use float32)")
     r = Arith(xp, dt)
     f64 = xp.float64
     # each tensor's norm, rounded to the dtype, then the norm of those norms

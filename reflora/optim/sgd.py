@@ -161,8 +161,9 @@ class SGD:
             if tuple(g.shape) != tuple(p.shape):
                 raise ValueError(f"grads[{key!r}] has shape {tuple(g.shape)}; expected {tuple(p.shape)}, the parameter's")
             if g.dtype != p.dtype or not _is_real_floating(xp, p.dtype):
-                raise TypeError(f"params[{key!r}] and grads[{key!r}] have dtypes {p.dtype}, {g.dtype}; expected one real floating dtype"
-                                f" (float16, float32 or float64; bfloat16 is not an array-API dtype: use float32)")
+                raise TypeError(f"params[{key!r}] and grads[{key!r}] have dtypes {p.dtype}, {g.dtype}; expected one "
+                                f"real floating dtype (float16, float32 or float64; bfloat16 is not an array-API "
+                                f"dtype: use float32)")
             if buf is not None and (tuple(buf.shape) != tuple(p.shape) or buf.dtype != p.dtype):
                 raise ValueError(f"momentum buffer for {key!r} has shape {tuple(buf.shape)} and dtype {buf.dtype}; "
                                  f"expected the parameter's {tuple(p.shape)}, {p.dtype}")

@@ -433,7 +433,8 @@ def test_wrong_types_are_type_errors_and_seeds_are_checked(rng):
         (dict(weights=[1.0], method="svd", svd_clamp="0.9"), TypeError, "svd_clamp is '0.9'"),
         (dict(weights=[1.0], method="svd", svd_full_matrices=1), TypeError, "svd_full_matrices is 1"),
         (dict(weights=[1.0], method="dare_linear", density=0.5, seed=1.5), TypeError, "seed is 1.5"),
-        (dict(weights=[1.0], method="dare_linear", density=0.5, seed=-1), ValueError, "seed is -1; expected an int >= 0"),
+        (dict(weights=[1.0], method="dare_linear", density=0.5, seed=-1), ValueError,
+         "seed is -1; expected an int >= 0"),
     ]
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):

@@ -117,7 +117,9 @@ def _weights(weights: Any, n: int) -> list[float]:
         raise ValueError(f"weights has {len(weights)} entries; expected {n}, one per adapter")
     out = []
     for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(float(w)):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"weights[{i}] is {w!r} ({type(w).__name__}); expected a finite real number")
+        if not math.isfinite(float(w)):
             raise ValueError(f"weights[{i}] is {w!r}; expected a finite real number")
         out.append(float(w))
     return out
@@ -128,8 +130,11 @@ def _density(method: str, density: Any) -> float | None:
         if density is not None:
             raise ValueError(f"density is {density!r}, but method {method!r} prunes nothing; expected None")
         return None
+    if density is None:
+        raise ValueError(f"density is None; method {method!r} needs the fraction of entries kept, in [0, 1]")
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise ValueError(f"density is {density!r}; method {method!r} needs the fraction of entries kept, in [0, 1]")
+        raise TypeError(f"density is {density!r} ({type(density).__name__}); method {method!r} needs the fraction "
+                        "of entries kept, a number in [0, 1]")
     d = float(density)
     lo_ok = d > 0 if method in _DARE else d >= 0
     if not (lo_ok and d <= 1):
@@ -157,9 +162,22 @@ def _module_inputs(mod: str, items: list[tuple[int, Any, float]]) -> None:
                             "the first")
         if not _real_floating(xp, ad.A.dtype):
             raise TypeError(f"{where}adapters[{i}] has dtype {ad.A.dtype}; expected a real floating dtype")
-        if ad.A.shape[1] != a0.A.shape[1] or ad.B.shape[0] != a0.B.shape[0]:
+        if (ad.A.ndim != 2 or ad.B.ndim != 2 or ad.B.shape[1] != ad.A.shape[0] or ad.A.shape[1] != a0.A.shape[1]
+                or ad.B.shape[0] != a0.B.shape[0]):
             raise ValueError(f"{where}adapters[{i}] has A {tuple(ad.A.shape)}, B {tuple(ad.B.shape)}; expected "
                              f"(R, I) = (R, {a0.A.shape[1]}) and (O, R) = ({a0.B.shape[0]}, R) like the first")
+        # duck-typed adapters are welcome, so what LoraAdapter guarantees is checked here
+        s = ad.scale
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+            raise (ValueError if isinstance(s, numbers.Real) and not isinstance(s, bool) else TypeError)(
+                f"{where}adapters[{i}].scale is {s!r}; expected a finite real number")
+        O, I = a0.B.shape[0], a0.A.shape[1]
+        for name, shape in (("B", None), ("W", (O, I)), ("bias", (O,)), ("magnitude", (O,)), ("lora_bias", (O,))):
+            v = getattr(ad, name, None)
+            if v is not None and shape is not None and tuple(v.shape) != shape:
+                raise ValueError(f"{where}adapters[{i}].{name} has shape {tuple(v.shape)}; expected {shape}")
+            if v is not None and v.dtype != ad.A.dtype:
+                raise TypeError(f"{where}adapters[{i}].{name} has dtype {v.dtype}; expected {ad.A.dtype}, A's")
         if getattr(ad, "merged", False):
             raise ValueError(f"{where}adapters[{i}] is merged into its W; unmerge() it before combining")
 
@@ -203,7 +221,9 @@ def dare_masks(adapters, *, method, density, seed) -> Any:
         raise ValueError(f"method is {method!r}; expected one of {_DARE}")
     d = _density(method, density)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed is {seed!r}; expected an int")
+        raise TypeError(f"seed is {seed!r} ({type(seed).__name__}); expected an int >= 0")
+    if seed < 0:
+        raise ValueError(f"seed is {seed}; expected an int >= 0 (numpy.random.default_rng's seeds)")
     mods, single = _modules(adapters)
     rng = np.random.default_rng(int(seed))
     order = list(dict.fromkeys(m for a in mods for m in a))
@@ -217,6 +237,7 @@ def dare_masks(adapters, *, method, density, seed) -> Any:
                 continue
             masks = {}
             for name, shape in _mask_shapes(method, ad).items():
+                # Note: drawn with NumPy on the host (one generator for every backend), then moved to ad.A's
                 host = (rng.random(shape) < d).astype(np.float64)
                 masks[name] = array_namespace(ad.A).asarray(host, dtype=ad.A.dtype)
             row.append(masks)
@@ -275,8 +296,9 @@ def combine(adapters, weights, *, method="exact", rank=None, density=None, major
       majority_sign_method: "total" or "frequency" (ties, dare_ties and their svd forms).
       seed: DARE only: an int; the masks are ``dare_masks(adapters, ..., seed=seed)``.
       masks: DARE only, instead of seed: the keep-masks, as ``dare_masks`` returns them.
-      svd_rank: svd methods: the result's rank (default: the largest input rank, over
-        all modules, as PEFT).
+      svd_rank: svd methods: the result's rank (default: the largest rank of any input
+        module; PEFT's default is the largest *configured* rank, max(r, *rank_pattern
+        values), larger when a rank_pattern lowers every module below r: pass svd_rank=r).
       svd_clamp: svd methods: clamp the new factors' entries to ±(this quantile of them), in [0, 1].
       svd_full_matrices, svd_driver: accepted for PEFT compatibility; they do not change
         the result (the truncation keeps the same singular vectors; the driver is cuSOLVER's).
@@ -290,10 +312,11 @@ def combine(adapters, weights, *, method="exact", rank=None, density=None, major
       returns plain data).
 
     Raises:
-      ValueError: an unknown method, bad weights, options that do not belong to the
-        method, unequal ranks for a factor-wise method, DoRA or lora_bias where the
-        method cannot combine them.
-      TypeError: inputs that are not adapters, mixed dtypes or libraries.
+      ValueError: an unknown method, non-finite weights or values out of range, options
+        that do not belong to the method, unequal ranks for a factor-wise method, DoRA or
+        lora_bias where the method cannot combine them.
+      TypeError: inputs that are not adapters, a weight, density, seed, rank or svd option
+        of the wrong type, mixed dtypes or libraries.
 
     Example:
       >>> import numpy as np, reflora
@@ -310,7 +333,9 @@ def combine(adapters, weights, *, method="exact", rank=None, density=None, major
     if rank is not None:
         if method != "exact":
             raise ValueError(f"rank={rank!r} is for method='exact'; the svd methods take svd_rank (PEFT's name)")
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+            raise TypeError(f"rank is {rank!r} ({type(rank).__name__}); expected an int >= 1")
+        if rank < 1:
             raise ValueError(f"rank is {rank!r}; expected an int >= 1")
         rank = int(rank)
     svd_opts = {"svd_rank": svd_rank, "svd_clamp": svd_clamp}
@@ -318,14 +343,16 @@ def combine(adapters, weights, *, method="exact", rank=None, density=None, major
         bad = [k for k, v in svd_opts.items() if v is not None]
         if bad:
             raise ValueError(f"{bad[0]} is set, but method {method!r} takes no SVD; expected None")
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral)
-                                 or svd_rank < 1):
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral)):
+        raise TypeError(f"svd_rank is {svd_rank!r} ({type(svd_rank).__name__}); expected an int >= 1")
+    if svd_rank is not None and svd_rank < 1:
         raise ValueError(f"svd_rank is {svd_rank!r}; expected an int >= 1")
-    if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, numbers.Real)
-                                  or not 0 <= svd_clamp <= 1):
+    if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, numbers.Real)):
+        raise TypeError(f"svd_clamp is {svd_clamp!r} ({type(svd_clamp).__name__}); expected a quantile in [0, 1]")
+    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
         raise ValueError(f"svd_clamp is {svd_clamp!r}; expected a quantile in [0, 1]")
     if not isinstance(svd_full_matrices, bool):
-        raise ValueError(f"svd_full_matrices is {svd_full_matrices!r}; expected True or False")
+        raise TypeError(f"svd_full_matrices is {svd_full_matrices!r}; expected True or False")
     if svd_driver not in _SVD_DRIVERS:
         raise ValueError(f"svd_driver is {svd_driver!r}; expected one of {_SVD_DRIVERS}")
     if majority_sign_method not in ("total", "frequency"):

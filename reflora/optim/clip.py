@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import _is_real_floating
 from ..backend import array_namespace
 from ._tree import items as _items, rebuild as _rebuild
 from ._arith import Arith
@@ -57,7 +58,7 @@ def clip_grad_norm(grads: Any, max_norm: float, *, norm_type: float | str = 2.0,
 
     Args:
       grads: a dict, tuple or list of arrays (one namespace and one real floating dtype).
-      max_norm: the largest norm allowed (a finite real number).
+      max_norm: the largest norm allowed, >= 0 (inf leaves finite gradients unchanged).
       norm_type: p > 0, or ``inf`` / ``"inf"`` for the largest absolute element.
       error_if_nonfinite: raise instead of clipping when the total norm is NaN or Inf.
 
@@ -66,9 +67,10 @@ def clip_grad_norm(grads: Any, max_norm: float, *, norm_type: float | str = 2.0,
       0-d array of the grads' dtype). The inputs are not modified.
 
     Raises:
-      ValueError: a bad max_norm or norm_type; a non-finite total norm with
-        ``error_if_nonfinite`` (torch raises RuntimeError there).
-      TypeError: mixed dtypes or array libraries.
+      ValueError: a negative or NaN max_norm, a norm_type <= 0 or NaN; a non-finite
+        total norm with ``error_if_nonfinite`` (torch raises RuntimeError there).
+      TypeError: max_norm, norm_type or error_if_nonfinite of the wrong type; mixed
+        dtypes or array libraries.
 
     Example:
       >>> import numpy as np
@@ -76,15 +78,21 @@ def clip_grad_norm(grads: Any, max_norm: float, *, norm_type: float | str = 2.0,
       >>> float(n), round(float(g["A"][0]), 6), round(float(g["B"][0]), 6)
       (5.0, 0.6, 0.8)
     """
-    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or math.isnan(max_norm):
-        raise ValueError(f"max_norm is {max_norm!r}; expected a real number")
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"max_norm is {max_norm!r} ({type(max_norm).__name__}); expected a real number >= 0")
+    if not max_norm >= 0:  # NaN too
+        raise ValueError(f"max_norm is {max_norm!r}; expected a number >= 0 (torch takes a negative one and "
+                         f"flips the sign of every gradient)")
     if isinstance(norm_type, str) and norm_type == "inf":
         norm_type = math.inf
-    if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type > 0:
+    if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
+        raise TypeError(f"norm_type is {norm_type!r} ({type(norm_type).__name__}); expected a real p > 0, "
+                        f"inf or 'inf'")
+    if not norm_type > 0:
         raise ValueError(f"norm_type is {norm_type!r}; expected a p > 0 or inf (torch also takes 0 and -inf, "
                          f"which do not measure a gradient's size)")
     if not isinstance(error_if_nonfinite, bool):
-        raise ValueError(f"error_if_nonfinite is {error_if_nonfinite!r}; expected True or False")
+        raise TypeError(f"error_if_nonfinite is {error_if_nonfinite!r}; expected True or False")
     p = float(norm_type)
     keys, vals = _items(grads, "grads")
     if not vals:
@@ -92,9 +100,10 @@ def clip_grad_norm(grads: Any, max_norm: float, *, norm_type: float | str = 2.0,
     xp = array_namespace(*vals, names=tuple(f"grads[{k!r}]" for k in keys))
     dt = vals[0].dtype
     for k, g in zip(keys, vals):
-        if g.dtype != dt or not xp.isdtype(g.dtype, "real floating"):
+        if g.dtype != dt or not _is_real_floating(xp, g.dtype):
             raise TypeError(f"grads[{k!r}] has dtype {g.dtype}; expected one real floating dtype for all "
-                            f"gradients ({dt}, that of grads[{keys[0]!r}])")
+                            f"gradients ({dt}, that of grads[{keys[0]!r}]): float16, float32 or float64 "
+                            f"(bfloat16 is not an array-API dtype: use float32)")
     r = Arith(xp, dt)
     f64 = xp.float64
     # each tensor's norm, rounded to the dtype, then the norm of those norms

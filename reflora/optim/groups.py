@@ -16,7 +16,9 @@ optimiser's own ``weight_decay`` (AdamW's 1e-2) applies to no parameter at
 all. The embedding lr defaults to 1e-6, whatever ``lr`` is.
 
 PEFT's own decay exclusion also drops parameters inside LayerNorm modules
-(transformers' ALL_LAYERNORM_LAYERS); adapters' LoRA parameters never are.
+(transformers' ALL_LAYERNORM_LAYERS): adapters' LoRA parameters never are, but
+a LayerNorm in ``modules_to_save`` is (its 1-d weight goes to groupB_no_decay).
+reflora cannot see module types: name such parameters in ``no_decay``.
 reflora works from names: PEFT's (``...q_proj.lora_B.default.weight``) or a
 ``LoraAdapter``'s (``A``, ``B``, ``m``, ``lora_bias``: B is lora_B).
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 __all__ = ["loraplus_groups"]
 
@@ -35,7 +37,8 @@ def _is_b(name: str) -> bool:
 
 
 def loraplus_groups(params: Mapping[str, Any], *, lr: float, loraplus_lr_ratio: float,
-                    loraplus_lr_embedding: float = 1e-6, loraplus_weight_decay: float = 0.0) -> list[dict]:
+                    loraplus_lr_embedding: float = 1e-6, loraplus_weight_decay: float = 0.0,
+                    no_decay: Iterable[str] = ()) -> list[dict]:
     """PEFT's four LoRA+ groups for ``reflora.Adam``/``AdamW``'s ``groups=`` (empty groups kept, as PEFT).
 
     Args:
@@ -44,13 +47,18 @@ def loraplus_groups(params: Mapping[str, Any], *, lr: float, loraplus_lr_ratio: 
       loraplus_lr_ratio: eta_B / eta_A (PEFT recommends >= 1; not enforced, as PEFT).
       loraplus_lr_embedding: the lr of LoRA embedding matrices (PEFT's default 1e-6).
       loraplus_weight_decay: every group's weight decay except B's no-decay group.
+      no_decay: names of parameters inside LayerNorm modules (e.g. a ``modules_to_save``
+        LayerNorm's weight), which PEFT excludes from decay like "bias" names; used
+        where PEFT uses it, in B's groups.
 
     Returns:
       ``[{"params": [names], "lr": ..., "weight_decay": ...}]`` for groupA, embedding, groupB,
       groupB_no_decay.
 
     Raises:
-      ValueError: a non-finite or negative number; params not a mapping of names.
+      ValueError: a non-finite or negative number; a no_decay name not in params.
+      TypeError: a number that is not a real; params not a mapping of names; no_decay
+        not a collection of names.
 
     Example:
       >>> import numpy as np
@@ -59,12 +67,20 @@ def loraplus_groups(params: Mapping[str, Any], *, lr: float, loraplus_lr_ratio: 
       [(['A'], 0.0001), (['B'], 0.0016)]
     """
     if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
-        raise ValueError(f"params is {type(params).__name__}; expected a dict of name -> array")
+        raise TypeError(f"params is {type(params).__name__}; expected a dict of name -> array")
     for name, v in (("lr", lr), ("loraplus_lr_ratio", loraplus_lr_ratio),
                     ("loraplus_lr_embedding", loraplus_lr_embedding),
                     ("loraplus_weight_decay", loraplus_weight_decay)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} is {v!r} ({type(v).__name__}); expected a finite number >= 0")
+        if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} is {v!r}; expected a finite number >= 0")
+    if isinstance(no_decay, (str, bytes)) or not isinstance(no_decay, Iterable):
+        raise TypeError(f"no_decay is {no_decay!r}; expected a list of parameter names")
+    no_decay = set(no_decay)
+    unknown = sorted(n for n in no_decay if n not in params)
+    if unknown:
+        raise ValueError(f"no_decay names {unknown}; expected names of params")
     groups: dict[str, list[str]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
     for name, p in params.items():
         parts = name.split(".")
@@ -72,8 +88,9 @@ def loraplus_groups(params: Mapping[str, Any], *, lr: float, loraplus_lr_ratio: 
             # PEFT: the module two levels up is a LoRA Embedding layer
             groups["embedding"].append(name)
         elif _is_b(name) or getattr(p, "ndim", None) == 1:
-            # PEFT: "bias" in the name is excluded from decay (lora_bias = lora_B.<adapter>.bias)
-            groups["B_no_decay" if "bias" in name else "B"].append(name)
+            # PEFT: "bias" in the name is excluded from decay (lora_bias = lora_B.<adapter>.bias), and so is
+            # anything inside a LayerNorm (no_decay)
+            groups["B_no_decay" if "bias" in name or name in no_decay else "B"].append(name)
         else:
             groups["A"].append(name)
     wd = float(loraplus_weight_decay)

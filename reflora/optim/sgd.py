@@ -27,7 +27,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from .._validate import check_real
+from .._validate import _is_real_floating, check_real
 from ..backend import array_namespace, dtype_name
 from ._arith import round_sum
 
@@ -154,8 +154,10 @@ class SGD:
             xp = array_namespace(p, g, buf, names=(f"params[{key!r}]", f"grads[{key!r}]", "momentum buffer"))
             if tuple(g.shape) != tuple(p.shape):
                 raise ValueError(f"grads[{key!r}] has shape {tuple(g.shape)}; expected {tuple(p.shape)}, the parameter's")
-            if g.dtype != p.dtype or not xp.isdtype(p.dtype, "real floating"):
-                raise TypeError(f"params[{key!r}] and grads[{key!r}] have dtypes {p.dtype}, {g.dtype}; expected one real floating dtype")
+            if g.dtype != p.dtype or not _is_real_floating(xp, p.dtype):
+                raise TypeError(f"params[{key!r}] and grads[{key!r}] have dtypes {p.dtype}, {g.dtype}; expected one "
+                                f"real floating dtype (float16, float32 or float64; bfloat16 is not an array-API "
+                                f"dtype: use float32)")
             if buf is not None and (tuple(buf.shape) != tuple(p.shape) or buf.dtype != p.dtype):
                 raise ValueError(f"momentum buffer for {key!r} has shape {tuple(buf.shape)} and dtype {buf.dtype}; "
                                  f"expected the parameter's {tuple(p.shape)}, {p.dtype}")

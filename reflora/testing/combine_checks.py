@@ -352,7 +352,9 @@ def check_combine(combine: Callable, *, dtype: str = "float32", to: Any = None, 
 
     if dtype not in _DTYPES:
         raise TypeError(f"dtype is {dtype!r}; expected one of {_DTYPES}")
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int):
+        raise TypeError(f"max_rank is {max_rank!r} ({type(max_rank).__name__}); expected an int >= 1")
+    if max_rank < 1:
         raise ValueError(f"max_rank is {max_rank!r}; expected an int >= 1")
     if dora and lora_bias:
         raise ValueError("dora and lora_bias together: PEFT's merge of the pair disagrees with its own forward, "

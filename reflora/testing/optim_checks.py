@@ -247,7 +247,11 @@ def _label(fn: Any) -> str:
 def _check_problem(check: str, step: Callable, seed: int, options: AdamOptions, *, dtype: str, to: Any,
                    check_dtype: bool, decoupled: bool) -> dict[str, float]:
     if dtype not in _UNIT or dtype == "float64":
-        raise ValueError(f"dtype is {dtype!r}; expected 'float32', 'float16' or 'bfloat16'")
+        raise TypeError(f"dtype is {dtype!r}; expected 'float32', 'float16' or 'bfloat16'")
+    if not isinstance(options, AdamOptions):
+        raise TypeError(f"options is {type(options).__name__}; expected reflora.testing.optim_checks.AdamOptions")
+    if isinstance(options.steps, bool) or not isinstance(options.steps, int) or options.steps < 1:
+        raise ValueError(f"options.steps is {options.steps!r}; expected an int >= 1 (no step checks nothing)")
     try:
         return _problem(check, step, seed, options, dtype=dtype, to=to, check_dtype=check_dtype,
                         decoupled=decoupled)
@@ -274,6 +278,14 @@ def check_adam_problem(step: Callable, seed: int, options: AdamOptions, *, dtype
 
 def _check(check: str, step: Callable, *, dtype: str, seeds: int, steps: int, to: Any, check_dtype: bool,
            decoupled: bool) -> CheckResult:
+    # seeds = 0 or steps = 0 would pass any candidate; one step cannot see amsgrad (v_max = v until v falls,
+    # at step 2 of every problem): tests/testing/test_optim_checks.py shows a wrong amsgrad passing steps=1
+    for name, v, least in (("seeds", seeds, 1), ("steps", steps, 2)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} is {v!r} ({type(v).__name__}); expected an int >= {least}")
+        if v < least:
+            raise ValueError(f"{name} is {v}; expected an int >= {least}"
+                             + (" (every option is observable only from step 2 on)" if name == "steps" else ""))
     result = CheckResult(check, dtype)
     for seed in range(seeds):
         for opts in adam_option_grid(steps):
@@ -289,12 +301,15 @@ def check_adamw(step: Callable, *, dtype: str = "float32", seeds: int = 2, steps
     Args:
       step: see the module docstring for the protocol.
       dtype: "float32", "float16" or "bfloat16".
-      seeds: problems per option setting; steps: steps per problem.
+      seeds: problems per option setting (>= 1); steps: steps per problem (>= 2: amsgrad's
+        running max differs from v only once v has fallen, at step 2).
       to: how to hand arrays to the candidate ("torch", "jax", a callable; None = NumPy).
       check_dtype: also require results in ``dtype``.
 
     Raises:
       AssertionError: the first failing problem, with the error, the tolerance and a reproducer.
+      TypeError: a dtype other than those three; seeds or steps not an int.
+      ValueError: seeds < 1 or steps < 2.
 
     Example:
       >>> import reflora, reflora.testing as rt

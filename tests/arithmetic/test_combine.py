@@ -418,3 +418,51 @@ def test_errors(rng):
         reflora.combine([a, a], [1.0, 1.0], method="dare_linear", density=0.5, masks=bad)
     # weights as a NumPy vector are fine
     assert_sum(reflora.combine([a, b], np.array([0.5, 2.0])), [a, b], [0.5, 2.0])
+
+
+def test_wrong_types_are_type_errors_and_seeds_are_checked(rng):
+    """STYLE: TypeError for a wrong type, ValueError for a wrong value; a negative seed in the house wording."""
+    a = _ad(rng, 4, 5, 2)
+    cases = [
+        (dict(weights=["1"]), TypeError, r"weights\[0\] is '1' \(str\)"),
+        (dict(weights=[None]), TypeError, r"weights\[0\] is None"),
+        (dict(weights=[float("inf")]), ValueError, r"weights\[0\] is inf; expected a finite"),
+        (dict(weights=[1.0], rank=2.0), TypeError, "rank is 2.0"),
+        (dict(weights=[1.0], method="ties", density="0.5"), TypeError, "density is '0.5'"),
+        (dict(weights=[1.0], method="svd", svd_rank=1.5), TypeError, "svd_rank is 1.5"),
+        (dict(weights=[1.0], method="svd", svd_clamp="0.9"), TypeError, "svd_clamp is '0.9'"),
+        (dict(weights=[1.0], method="svd", svd_full_matrices=1), TypeError, "svd_full_matrices is 1"),
+        (dict(weights=[1.0], method="dare_linear", density=0.5, seed=1.5), TypeError, "seed is 1.5"),
+        (dict(weights=[1.0], method="dare_linear", density=0.5, seed=-1), ValueError,
+         "seed is -1; expected an int >= 0"),
+    ]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            reflora.combine([a], **kw)
+
+
+def test_duck_typed_adapters_are_checked_like_lora_adapters(rng):
+    """combine takes any object with A, B and scale; what LoraAdapter guarantees is checked at the boundary.
+    Before: A (2, 5) with B (4, 3) gave a Combined with A (4, 5) and B (4, 6), and a lora_bias of shape (1,)
+    was broadcast over the O outputs, both silently."""
+    from types import SimpleNamespace as NS
+
+    A, B = rng.standard_normal((2, 5)), rng.standard_normal((4, 2))
+    cases = [
+        (NS(A=A, B=rng.standard_normal((4, 3)), scale=1.0), ValueError, r"has A \(2, 5\), B \(4, 3\); expected"),
+        (NS(A=A, B=B, scale=1.0, lora_bias=np.ones(1)), ValueError, r"lora_bias has shape \(1,\); expected \(4,\)"),
+        (NS(A=A, B=B, scale=1.0, magnitude=np.ones(5)), ValueError, r"magnitude has shape \(5,\); expected \(4,\)"),
+        (NS(A=A, B=B, scale=1.0, W=np.ones((5, 4))), ValueError, r"W has shape \(5, 4\); expected \(4, 5\)"),
+        (NS(A=A, B=B.astype(np.float32), scale=1.0), TypeError, "B has dtype float32; expected float64"),
+        (NS(A=A, B=B, scale="2"), TypeError, r"scale is '2'; expected a finite real"),
+        (NS(A=A, B=B, scale=float("nan")), ValueError, r"scale is nan; expected a finite real"),
+    ]
+    for ad, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            reflora.combine([ad, ad], [1.0, 1.0])
+    # a consistent one works; entries k/8 keep every product and sum exact, so the update is exactly B A
+    A8, B8 = rng.integers(-8, 9, (2, 5)) / 8.0, rng.integers(-8, 9, (4, 2)) / 8.0
+    ok = NS(A=A8, B=B8, scale=2.0, lora_bias=np.ones(4))
+    got = reflora.combine([ok, ok], [1.0, -0.5])
+    np.testing.assert_array_equal(got.B @ got.A, B8 @ A8)  # (1 - 0.5) * 2 = 1
+    np.testing.assert_array_equal(got.lora_bias, np.full(4, 1.0))  # (1 - 0.5) * 2 * 1

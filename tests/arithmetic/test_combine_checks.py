@@ -350,5 +350,7 @@ def test_bad_arguments():
         rt.check_combine(reflora_exact, dtype="int8")
     with pytest.raises(ValueError, match="max_rank"):
         rt.check_combine(reflora_exact, max_rank=0)
+    with pytest.raises(TypeError, match=r"max_rank is 2.0 \(float\)"):
+        rt.check_combine(reflora_exact, max_rank=2.0)
     with pytest.raises(ValueError, match="dora and lora_bias"):
         rt.check_combine(reflora_exact, dora=True, lora_bias=True)

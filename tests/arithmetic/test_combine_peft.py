@@ -382,3 +382,21 @@ def test_factorwise_equal_peft_hypothesis(n, r, alphas, ws, seed, method, rsl):
         new_r = got[mod].rank
         assert got[mod].scale == 1.0
         assert ref[mod]["scaling"] == pytest.approx(math.sqrt(new_r) if rsl[0] else 1.0, rel=1e-15)
+
+
+def test_svd_default_rank_is_the_largest_module_rank_not_the_configured_r():
+    """PEFT's svd default rank is max(r, *rank_pattern.values()) from each config; reflora sees only the modules.
+    With a rank_pattern that lowers every module to 2 below r = 4, PEFT keeps rank 4 (here the exact sum of two
+    rank-2 updates) and reflora truncates to 2 unless given svd_rank=4, which reproduces PEFT."""
+    specs = [dict(r=4, lora_alpha=4, rank_pattern={"lin0": 2, "lin1": 2}) for _ in range(2)]
+    model, ours = build(specs, seed=8)
+    ref = run_peft(model, [1.0, -0.5], "svd")
+    default = _ours(ours, [1.0, -0.5], "svd")
+    asked = _ours(ours, [1.0, -0.5], "svd", svd_rank=4)
+    for mod in MODULES:
+        want = delta(ours[0][mod]) - 0.5 * delta(ours[1][mod])
+        assert ref[mod]["A"].shape[0] == 4 and default[mod].rank == 2 and asked[mod].rank == 4
+        tol = svd_tolerance(want, 4)
+        assert np.linalg.norm(ref[mod]["B"] @ ref[mod]["A"] - want) <= tol
+        assert np.linalg.norm(asked[mod].B @ asked[mod].A - want) <= tol
+        assert np.linalg.norm(default[mod].B @ default[mod].A - want) > 0.1 * np.linalg.norm(want)

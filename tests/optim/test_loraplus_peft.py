@@ -66,6 +66,10 @@ def test_adapter_names_follow_peft_rules():
         (["A"], 0.1, 0.5), ([], 1e-6, 0.5), (["B", "m"], 0.4, 0.5), (["lora_bias"], 0.4, 0.0)]
     with pytest.raises(ValueError, match="loraplus_lr_ratio is -1; expected a finite number >= 0"):
         reflora.loraplus_groups(p, lr=0.1, loraplus_lr_ratio=-1)
+    with pytest.raises(TypeError, match=r"loraplus_lr_ratio is '4' \(str\)"):
+        reflora.loraplus_groups(p, lr=0.1, loraplus_lr_ratio="4")
+    with pytest.raises(TypeError, match="params is list; expected a dict"):
+        reflora.loraplus_groups(list(p.values()), lr=0.1, loraplus_lr_ratio=4.0)
 
 
 def test_peft_model_training_run_is_reproduced():
@@ -183,3 +187,34 @@ def test_fit_takes_any_optimiser_and_refuses_others():
         ad.fit(x, t, steps=1)
     with pytest.raises(TypeError, match="expected reflora.SGD, reflora.Adam or reflora.AdamW"):
         ad.fit(x, t, steps=1, optimizer=torch.optim.SGD)
+
+
+def test_a_layernorm_in_modules_to_save_is_not_decayed_as_in_peft():
+    """PEFT's decay exclusion drops parameters inside LayerNorm modules: a modules_to_save LayerNorm's 1-d weight
+    lands in groupB_no_decay. reflora sees names only: without no_decay it puts that weight in groupB (with
+    decay, a silent difference whenever loraplus_weight_decay != 0); with no_decay it matches PEFT."""
+
+    class NormNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.norm, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc2(self.norm(self.fc1(x)))
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(NormNet(), peft.LoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["norm"]))
+    kw = dict(lr=3e-4, loraplus_lr_ratio=16.0, loraplus_weight_decay=0.05)
+    want = _peft_groups(create_loraplus_optimizer(pm, torch.optim.AdamW, **kw), pm)
+    params = {n: p.detach().numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    norm_weight = "base_model.model.norm.modules_to_save.default.weight"
+    assert norm_weight in want[3][0]  # PEFT: no decay
+    plain = [(g["params"], g["lr"], g["weight_decay"]) for g in reflora.loraplus_groups(params, **kw)]
+    assert norm_weight in plain[2][0] and plain != want
+    got = [(g["params"], g["lr"], g["weight_decay"])
+           for g in reflora.loraplus_groups(params, **kw, no_decay=[norm_weight])]
+    assert got == want
+    with pytest.raises(ValueError, match="no_decay names"):
+        reflora.loraplus_groups(params, **kw, no_decay=["nope"])
+    with pytest.raises(TypeError, match="no_decay is"):
+        reflora.loraplus_groups(params, **kw, no_decay=norm_weight)

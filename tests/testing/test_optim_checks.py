@@ -173,10 +173,28 @@ def test_grid_and_problems_are_exact_in_bfloat16():
 
 
 def test_bad_dtype_and_bad_return_are_reported():
-    with pytest.raises(ValueError, match="expected 'float32', 'float16' or 'bfloat16'"):
+    # TypeError, as check_forward and check_combine raise it for a dtype they do not take
+    with pytest.raises(TypeError, match="expected 'float32', 'float16' or 'bfloat16'"):
         rt.check_adamw(_numpy_step(True), dtype="float64")
     with pytest.raises(AssertionError, match="expected \\(params dict, state\\)"):
         rt.check_adamw(lambda p, g, s, **kw: p, dtype="float32")
+
+
+def test_a_check_that_could_not_fail_is_refused():
+    """seeds=0 or steps=0 ran no step and passed a candidate that never moves; steps=1 cannot see amsgrad."""
+    frozen = lambda params, grads, state, **kw: (params, state)  # noqa: E731
+    for kw, exc in ((dict(seeds=0), ValueError), (dict(steps=0), ValueError), (dict(steps=1), ValueError),
+                    (dict(seeds=1.0), TypeError)):
+        with pytest.raises(exc, match=f"{next(iter(kw))} is"):
+            rt.check_adamw(frozen, **kw)
+    with pytest.raises(ValueError, match="options.steps is 0"):
+        rt.check_adamw_problem(frozen, 0, AdamOptions(steps=0))
+    # why steps >= 2: with one step, amsgrad's max of the wrong quantity is invisible (v_max = v)
+    bug = _numpy_step(True, "amsgrad_max_of_corrected")
+    for o in adam_option_grid(steps=1):
+        rt.check_adamw_problem(bug, 0, o)
+    with pytest.raises(AssertionError, match="is wrong"):
+        rt.check_adamw(bug, steps=2, seeds=1)
 
 
 def _optax_step(decoupled, *, torch_clip=True):

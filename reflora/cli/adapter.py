@@ -81,6 +81,8 @@ def inspect_path(path: str, *, layout: str | None = None, alpha: float | None = 
 
     out = out or sys.stdout
     is_dir = os.path.isdir(path)
+    if is_dir and not any(os.path.lexists(os.path.join(path, n)) for n in (PEFT_CONFIG_NAME, "adapters.safetensors")):
+        _check_peft_folder(path)  # says what is missing and what to pass instead
     fmt = detect_format(path)
     if fmt in OTHER_FORMATS:
         header, adapters, found, how = read_format(path, fmt, n_head=n_head, n_head_kv=n_head_kv)

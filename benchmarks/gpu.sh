@@ -23,6 +23,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || echo "gpu.sh: editable install failed; using PYTHONPATH (the kit's pytest plugin tests will fail)"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export REFLORA_BACKEND=cupy HYPOTHESIS_PROFILE=ci PYTHONUNBUFFERED=1
+# JAX (a peer in a few tests) must not take 75% of the GPU up front in every xdist worker
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 unset CUPY_TF32
 python3 -c "import cupy, reflora; assert cupy.is_available(); print('cupy', cupy.__version__)" || exit 1
 python3 -m reflora.cli info

@@ -36,6 +36,12 @@ from reflora.io import atomic
 from reflora.io.atomic import TMP_TAG, atomic_write, clean_stale
 from reflora.io.safetensors import load_tensors, save_tensors
 
+
+@pytest.fixture(autouse=True)
+def _host_backend(monkeypatch):
+    """Merges and loads here run on the host (crash tests fork the process, which a CUDA context does not survive); the GPU merge: tests/io/test_model_merge_gpu.py."""
+    monkeypatch.setenv("REFLORA_BACKEND", "numpy")
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fault injection forks; CI runs on Linux")
 
 _OS_CALLS = ("open", "close", "fsync", "replace", "rename", "link", "unlink", "remove", "chmod", "mkdir", "rmdir",

@@ -32,6 +32,12 @@ from reflora.cli import main
 from reflora.io.model_folder import FolderOutput
 from reflora.io.safetensors import save_tensors
 
+
+@pytest.fixture(autouse=True)
+def _host_backend(monkeypatch):
+    """Merges and loads here run on the host (crash tests fork the process, which a CUDA context does not survive); the GPU merge: tests/io/test_model_merge_gpu.py."""
+    monkeypatch.setenv("REFLORA_BACKEND", "numpy")
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 PATCHED = ("open", "preadv", "pwrite", "fsync", "copy_file_range", "sendfile", "mkdir", "symlink", "rename",
            "replace", "unlink", "rmdir")

@@ -1,4 +1,4 @@
-"""Parameter trees: a dict, tuple or list of arrays (the same helpers as SGD's)."""
+"""Parameter trees: a dict, tuple or list of arrays (SGD, Adam and AdamW share these)."""
 
 from __future__ import annotations
 

@@ -23,13 +23,14 @@ returns new parameters and a new state, and nothing passed in is written.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._validate import _is_real_floating, check_real
 from ..backend import array_namespace, dtype_name
 from ._arith import round_sum
+from ._tree import items, rebuild
 
 __all__ = ["SGD", "SGDState"]
 
@@ -60,22 +61,6 @@ def _axpy(xp: Any, y: Any, alpha: float, x: Any) -> Any:
     a = float(np.asarray(alpha, dtype=dtype_name(dt)))
     f64 = xp.float64
     return round_sum(xp, a * xp.astype(x, f64), xp.astype(y, f64), dt)
-
-
-def _items(tree: Any, what: str) -> tuple[list, list]:
-    """(keys, values) of a dict, or of a tuple/list (keys are the positions)."""
-    if isinstance(tree, Mapping):
-        keys = list(tree.keys())
-        return keys, [tree[k] for k in keys]
-    if isinstance(tree, (tuple, list)):
-        return list(range(len(tree))), list(tree)
-    raise TypeError(f"{what} is {type(tree).__name__}; expected a dict, tuple or list of arrays")
-
-
-def _rebuild(like: Any, values: list) -> Any:
-    if isinstance(like, Mapping):
-        return dict(zip(like.keys(), values))
-    return tuple(values)
 
 
 class SGD:
@@ -132,8 +117,8 @@ class SGD:
 
     def init(self, params: Any) -> SGDState:
         """A fresh state for ``params`` (a dict, tuple or list of arrays)."""
-        keys, _ = _items(params, "params")
-        return SGDState(_rebuild(params, [None] * len(keys)), 0)
+        keys, _ = items(params, "params")
+        return SGDState(rebuild(params, [None] * len(keys)), 0)
 
     def step(self, params: Any, grads: Any, state: SGDState) -> tuple[Any, SGDState]:
         """One update. Returns (new_params, new_state); the inputs are not modified.
@@ -144,9 +129,9 @@ class SGD:
         """
         if not isinstance(state, SGDState):
             raise TypeError(f"state is {type(state).__name__}; expected the SGDState from SGD.init")
-        pkeys, pvals = _items(params, "params")
-        gkeys, gvals = _items(grads, "grads")
-        bkeys, bufs = _items(state.momentum_buffer, "state.momentum_buffer")
+        pkeys, pvals = items(params, "params")
+        gkeys, gvals = items(grads, "grads")
+        bkeys, bufs = items(state.momentum_buffer, "state.momentum_buffer")
         if gkeys != pkeys or bkeys != pkeys:
             raise ValueError(f"grads have keys {gkeys} and state {bkeys}; expected the params' keys {pkeys}")
         new_p, new_b = [], []
@@ -178,4 +163,4 @@ class SGD:
             # p = p - lr * g
             new_p.append(_axpy(xp, p, -self.lr, d_p))
             new_b.append(buf)
-        return _rebuild(params, new_p), SGDState(_rebuild(params, new_b), state.count + 1)
+        return rebuild(params, new_p), SGDState(rebuild(params, new_b), state.count + 1)

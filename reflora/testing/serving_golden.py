@@ -38,7 +38,6 @@ a temporary file and a rename, last, so a complete manifest means complete cases
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import FormatError
+from ..io._files import read_json
 from ..io.safetensors import load_tensors, save_tensors
 from .serving import serving_reference
 from .serving_problems import ServingProblem, host_dtype
@@ -118,21 +118,13 @@ def _inputs(op: str, p: ServingProblem) -> dict[str, np.ndarray]:
     return t
 
 
-def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{os.path.dirname(path) or '.'}{os.sep}.{os.path.basename(path)}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def write_serving_golden(directory: str, *, seed: int = 0) -> list[str]:
-    """Write every serving case and, last, ``manifest.json`` into ``directory``.
+    """Write every serving case and ``manifest.json`` into ``directory``, all or nothing.
+
+    The files are written into a fresh folder beside ``directory`` that then takes
+    its place in one step (``reflora.io.atomic.atomic_folder``, as ``reflora golden
+    write`` does): a reader sees the previous folder or the new one, never a manifest
+    with another write's case files. Files that are not serving-golden files are kept.
 
     Returns:
       The case names written.
@@ -144,7 +136,20 @@ def write_serving_golden(directory: str, *, seed: int = 0) -> list[str]:
       >>> names[0]
       '000_shrink_float32_mixed'
     """
-    os.makedirs(directory, exist_ok=True)
+    from ..io.atomic import atomic_folder, owned_names  # noqa: PLC0415
+
+    try:
+        old = [c["file"] for c in _manifest(directory)["cases"]]
+    except (ValueError, OSError, KeyError, TypeError):
+        old = []
+    names: list[str] = []
+    atomic_folder(directory, lambda tmp: names.extend(_write_into(tmp, seed)), overwrite=True,
+                  keep=owned_names([MANIFEST, *old]))
+    return names
+
+
+def _write_into(directory: str, seed: int) -> list[str]:
+    """Write the cases and, last, the manifest into the (empty, fresh) folder ``directory``."""
     entries = []
     for case in serving_golden_cases(seed):
         op, p = case["op"], case["problem"]
@@ -169,20 +174,20 @@ def write_serving_golden(directory: str, *, seed: int = 0) -> list[str]:
                         "outputs": outputs})
     from .. import __version__  # noqa: PLC0415
 
-    _atomic_json(os.path.join(directory, MANIFEST),
-                 {"format": FORMAT, "version": VERSION, "reflora": __version__, "cases": entries})
+    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as fh:  # the folder is switched in whole
+        json.dump({"format": FORMAT, "version": VERSION, "reflora": __version__, "cases": entries}, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     return [e["name"] for e in entries]
 
 
 def _manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     try:
-        with open(path, encoding="utf-8") as fh:
-            m = json.load(fh)
+        m = read_json(path, MANIFEST)  # strict: a regular file, bounded size and depth, valid JSON
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist; expected a folder written by write_serving_golden") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         got = (m.get("format"), m.get("version")) if isinstance(m, dict) else type(m).__name__
         raise FormatError(f"{path} is {got!r}; expected format {FORMAT!r} version {VERSION}")

@@ -74,12 +74,22 @@ def _adapters(case: str, seed: int):
 
 
 def write_format_cases(folder: Any, *, seed: int = 0) -> list[str]:
-    """Write every case of FORMAT_CASES under ``folder`` (see the module docstring); return the case names."""
+    """Write every case of FORMAT_CASES under ``folder`` (see the module docstring); return the case names.
+
+    All or nothing: the cases are written into a fresh folder beside ``folder`` that then
+    takes its place in one step (``reflora.io.atomic.atomic_folder``); other files kept.
+    """
+    from ..io.atomic import atomic_folder, owned_names  # noqa: PLC0415
+
+    atomic_folder(os.fspath(folder), lambda tmp: _write_cases_into(tmp, seed), overwrite=True,
+                  keep=owned_names([FORMAT_MANIFEST, *FORMAT_CASES]))
+    return list(FORMAT_CASES)
+
+
+def _write_cases_into(folder: str, seed: int) -> None:
     from ..io.formats import save_any  # noqa: PLC0415
     from ..io.safetensors import save_tensors  # noqa: PLC0415
 
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
     manifest: dict[str, Any] = {
         "version": 1,
         "llama": {"n_head": N_HEAD, "n_head_kv": N_HEAD_KV},
@@ -110,7 +120,6 @@ def write_format_cases(folder: Any, *, seed: int = 0) -> list[str]:
     from ..io._common import write_text  # noqa: PLC0415
 
     write_text(os.path.join(folder, FORMAT_MANIFEST), text, overwrite=True)
-    return list(FORMAT_CASES)
 
 
 def check_converted(case_dir: Any, output: Any, fmt: str | None = None, *, rtol: float = 0.0,

@@ -15,7 +15,8 @@ from reflora.optim._arith import Arith, round_sum
 def _exact_rn(q: Fraction, dt) -> float:
     """The element of dt nearest to q, ties to even (by comparing the neighbours exactly)."""
     r = np.asarray(float(q)).astype(dt)
-    cands = [c for c in (r, np.nextafter(r, dt(-np.inf)), np.nextafter(r, dt(np.inf))) if np.isfinite(c)]
+    with np.errstate(over="ignore"):  # the neighbour of the largest finite value is inf: left out below
+        cands = [c for c in (r, np.nextafter(r, dt(-np.inf)), np.nextafter(r, dt(np.inf))) if np.isfinite(c)]
     bits = {np.float32: np.uint32, np.float16: np.uint16}[dt]
     return float(min(cands, key=lambda v: (abs(Fraction(float(v)) - q), int(np.asarray(v).view(bits)) & 1)))
 

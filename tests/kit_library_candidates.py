@@ -205,7 +205,9 @@ def merge_torchtune(W, A, B, *, scale):
 
 
 def merge_peft_cpu(W, A, B, *, scale):
-    """PEFT on CPU for half dtypes: the delta in float32, cast to the weight's dtype, then added."""
+    """PEFT on CPU: for half dtypes the delta in float32, cast to the weight's dtype, then added."""
+    if W.dtype not in (torch.float16, torch.bfloat16):
+        return W + (B @ A) * scale
     delta = (B.float() @ A.float()) * scale
     return W + delta.to(W.dtype)
 

@@ -42,7 +42,7 @@ def main() -> None:
 
     import lora_candidates as lc
     import reflora.testing as rt
-    from reflora.core import lora_backward, lora_forward
+    from reflora.ops.lora import lora_backward, lora_forward
     from reflora.testing import strategies as rst
     from reflora.testing.tolerance import emulate_backward, emulate_forward, magnitude_backward, magnitude_forward
 

@@ -36,7 +36,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from reflora.safetensors_io import load_tensors, save_tensors  # noqa: E402
+from reflora.io.safetensors import load_tensors, save_tensors  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 D, F, V = 2048, 5632, 32000

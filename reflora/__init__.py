@@ -1,24 +1,26 @@
 """reflora: a golden reference for LoRA in pure NumPy/CuPy.
 
 Canonical layout (PEFT's): A (R, I), B (O, R), W (O, I); legend N rows,
-I in_features, O out_features, R rank. See ``reflora.core`` for the formulas.
+I in_features, O out_features, R rank. See ``reflora.ops.lora`` for the formulas
+and docs/architecture.md for the package layout.
 """
 
 from ._errors import FormatError
 from .adapter import LoraAdapter
-from .adapter_io import load_adapter, load_peft, save_adapter, save_peft
 from .backend import asarray, get_namespace
 from .config import LoraConfig
-from .core import LoraCache, LoraGrads, lora_backward, lora_forward, mse_loss
-from .init import init_lora
-from .safetensors_io import load_tensors, save_tensors
-from .sgd import SGD, SGDState
-from .dropout import dropout_mask
-from .lora_bias import LoraBiasCache, LoraBiasGrads, lora_bias_backward, lora_bias_forward
-from .merge import Merged, merge, unmerge
-from .dora import DoraCache, DoraGrads, DoraMerged, dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
-from .stack import LoraLayer, StackCache, StackGrads, stack_backward, stack_forward
-from .resize import Resized, resize_rank
+from .io.layouts import load_adapter, save_adapter
+from .io.peft import load_peft, save_peft
+from .io.safetensors import load_tensors, save_tensors
+from .numerics.merge import Merged, merge, unmerge
+from .ops.dora import DoraCache, DoraGrads, DoraMerged, dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
+from .ops.dropout import dropout_mask
+from .ops.init import init_lora
+from .ops.lora import LoraCache, LoraGrads, lora_backward, lora_forward, mse_loss
+from .ops.lora_bias import LoraBiasCache, LoraBiasGrads, lora_bias_backward, lora_bias_forward
+from .ops.resize import Resized, resize_rank
+from .ops.stack import LoraLayer, StackCache, StackGrads, stack_backward, stack_forward
+from .optim.sgd import SGD, SGDState
 
 __version__ = "0.1.0"
 

@@ -1,20 +1,20 @@
 """LoraAdapter: a convenience holder for A, B and an optional frozen base.
 
-All math is delegated to the pure functions in ``reflora.core`` and
-``reflora.sgd``; the class only keeps state between calls.
+All math is delegated to the pure functions in ``reflora.ops.lora`` and
+``reflora.optim.sgd``; the class only keeps state between calls.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from .backend import _normalize_xp, array_namespace, asarray, dtype_name, resolve_dtype
+from .backend import array_namespace, asarray, dtype_name, normalize_xp, resolve_dtype
 from .config import LoraConfig
-from .core import LoraGrads, lora_backward, lora_forward, mse_loss
-from .dora import DoraCache, dora_backward, dora_forward, dora_merge, dora_unmerge
-from .lora_bias import LoraBiasCache, lora_bias_backward, lora_bias_forward
-from .init import init_lora
-from .sgd import SGD, SGDState
+from .ops.dora import DoraCache, dora_backward, dora_forward, dora_merge, dora_unmerge
+from .ops.init import init_lora
+from .ops.lora import LoraGrads, lora_backward, lora_forward, mse_loss
+from .ops.lora_bias import LoraBiasCache, lora_bias_backward, lora_bias_forward
+from .optim.sgd import SGD, SGDState
 
 __all__ = ["LoraAdapter"]
 
@@ -50,7 +50,7 @@ class LoraAdapter:
                  W: Any = None, bias: Any = None):
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config is {type(config).__name__}; expected reflora.LoraConfig")
-        self.xp = _normalize_xp(xp)
+        self.xp = normalize_xp(xp)
         self.dtype = resolve_dtype(self.xp, dtype)
         self.config = config
         self.A, self.B = init_lora(config, seed=seed, xp=self.xp, dtype=self.dtype)
@@ -60,7 +60,7 @@ class LoraAdapter:
         self.merged = False
         self._cache = None
         self._sgd_state: tuple[SGD | None, SGDState | None] = (None, None)
-        # optional PEFT extras (reflora.dora, reflora.lora_bias); None = plain LoRA
+        # optional PEFT extras (reflora.ops.dora, reflora.ops.lora_bias); None = plain LoRA
         self.magnitude, self.lora_bias, self.dora_norm_grad, self._dora_norm = None, None, "detached", None
 
     @classmethod
@@ -69,8 +69,8 @@ class LoraAdapter:
                     lora_bias: Any = None) -> "LoraAdapter":
         """An adapter around existing A (R, I) and B (O, R); they keep their namespace and dtype.
 
-        ``magnitude`` (O,) makes it a DoRA layer (``reflora.dora``; needs W to run) and
-        ``lora_bias`` (O,) adds PEFT's bias on lora_B (``reflora.lora_bias``).
+        ``magnitude`` (O,) makes it a DoRA layer (``reflora.ops.dora``; needs W to run) and
+        ``lora_bias`` (O,) adds PEFT's bias on lora_B (``reflora.ops.lora_bias``).
         """
         xp = array_namespace(A, B, names=("A", "B"))
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
@@ -216,7 +216,7 @@ class LoraAdapter:
 
     def merge(self) -> None:
         """W <- RN(W + s B A), correctly rounded to W's dtype (``reflora.merge``)."""
-        from .merge import merge  # noqa: PLC0415 - reflora.merge imports nothing of the adapter's
+        from .numerics.merge import merge  # noqa: PLC0415 - reflora.numerics.merge imports nothing of the adapter's
 
         if self.W is None:
             raise ValueError("merge() needs a base weight W; this adapter has none")
@@ -232,8 +232,8 @@ class LoraAdapter:
         self.merged = True
 
     def unmerge(self) -> None:
-        """W <- RN(W - s B A) (``reflora.unmerge``). In float16 not an identity: see reflora.merge."""
-        from .merge import unmerge  # noqa: PLC0415
+        """W <- RN(W - s B A) (``reflora.unmerge``). In float16 not an identity: see reflora.numerics.merge."""
+        from .numerics.merge import unmerge  # noqa: PLC0415
 
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
@@ -246,7 +246,7 @@ class LoraAdapter:
 
     def to(self, xp: Any) -> "LoraAdapter":
         """Move every array to another namespace ("numpy", "cupy", a module); returns self."""
-        target = _normalize_xp(xp)
+        target = normalize_xp(xp)
         self.dtype = resolve_dtype(target, dtype_name(self.dtype))
         for name in ("A", "B", "W", "bias", "magnitude", "lora_bias"):
             a = getattr(self, name)

@@ -95,7 +95,7 @@ def default_namespace() -> ModuleType:
     return get_namespace(None)
 
 
-def _normalize_xp(xp: Any) -> ModuleType:
+def normalize_xp(xp: Any) -> ModuleType:
     """Accept a namespace, a raw ``numpy``/``cupy`` module, or a backend name."""
     if xp is None:
         return default_namespace()
@@ -205,7 +205,7 @@ def asarray(x: Any, *, xp: Any = None, dtype: Any = None) -> Any:
       >>> reflora.asarray([1.0, 2.0], xp="numpy", dtype="float64").dtype
       dtype('float64')
     """
-    target = _normalize_xp(xp)
+    target = normalize_xp(xp)
     dt = None if dtype is None else resolve_dtype(target, dtype)
     if array_api_compat.is_array_api_obj(x) and not isinstance(x, (list, tuple)):
         try:
@@ -247,3 +247,6 @@ def host_rng(seed: int) -> np.random.Generator:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed is {seed!r} ({type(seed).__name__}); expected an int")
     return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+_normalize_xp = normalize_xp  # the old private spelling, for branches written before the layout change

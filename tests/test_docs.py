@@ -224,5 +224,5 @@ def test_mkdocs_build_strict(tmp_path):
     # mkdocs.yml's validation settings make a page missing from the nav, a broken link or
     # anchor a warning, and --strict makes every warning an error.
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
-    assert 'id="reflora.lora_forward"' in api or 'id="reflora.core.lora_forward"' in api
+    assert 'id="reflora.lora_forward"' in api or 'id="reflora.ops.lora.lora_forward"' in api
     shutil.rmtree(site)

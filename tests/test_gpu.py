@@ -13,7 +13,7 @@ import pytest
 
 import reflora
 from reflora import LoraConfig, init_lora, lora_backward, lora_forward
-from reflora.bounds import lora_error_bounds
+from reflora.numerics.bounds import lora_error_bounds
 
 
 def _cupy():

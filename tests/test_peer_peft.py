@@ -73,8 +73,8 @@ def test_kaiming_bound_is_torch_formula():
 
     for fan_in in (1, 7, 768, 4096):
         gain = torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5))
-        assert math.isclose(reflora.init.kaiming_uniform_bound(fan_in), gain * math.sqrt(3.0 / fan_in), rel_tol=1e-15)
-        assert math.isclose(reflora.init.kaiming_uniform_bound(fan_in), 1 / math.sqrt(fan_in), rel_tol=1e-15)
+        assert math.isclose(reflora.ops.init.kaiming_uniform_bound(fan_in), gain * math.sqrt(3.0 / fan_in), rel_tol=1e-15)
+        assert math.isclose(reflora.ops.init.kaiming_uniform_bound(fan_in), 1 / math.sqrt(fan_in), rel_tol=1e-15)
 
 
 def test_init_distribution_matches_peft_default():

@@ -32,8 +32,8 @@ def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *,
     Without it, the file must still pass reflora's strict safetensors reader.
     """
     from ..adapter import LoraAdapter  # noqa: PLC0415
-    from ..adapter_io import load_adapter, save_adapter  # noqa: PLC0415
-    from ..safetensors_io import load_tensors  # noqa: PLC0415
+    from ..io.layouts import load_adapter, save_adapter  # noqa: PLC0415
+    from ..io.safetensors import load_tensors  # noqa: PLC0415
 
     conv, a = converter(to), problem.arrays()
     if layout not in (None, "peft", "seed"):

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..core import lora_backward, lora_forward
+from ..ops.lora import lora_backward, lora_forward
 from ._report import (CheckResult, _accepts, _call, _compare, _dtype, _f64, _fail, _Fail, _host, _kw, _pair, _policy,
                       _problems, _run, converter)
 from .envelope import Q, backward_envelope, forward_envelope, merge_envelope

@@ -6,8 +6,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..core import lora_backward, lora_forward, mse_loss
-from ..sgd import SGD
+from ..ops.lora import lora_backward, lora_forward, mse_loss
+from ..optim.sgd import SGD
 from ._report import CheckResult, _call, _compare, _dtype, _f64, _fail, _Fail, _host, _policy, _problems, _run, converter
 from .envelope import merge_envelope, train_envelope
 from .policy import TolerancePolicy
@@ -71,7 +71,7 @@ def check_merge_problem(merge: Callable, problem: Problem, *, policy: ToleranceP
                         to: Any = None, check_dtype: bool = True) -> dict[str, float]:
     """Check ``merge(W, A, B, *, scale)`` on one Problem against W + s B A (float64), elementwise within the
     merge envelope (PEFT's CPU and GPU orders, torchtune's W + (s B) A, loralib's, addmm all pass)."""
-    from ..merge import merge as ref_merge  # noqa: PLC0415
+    from ..numerics.merge import merge as ref_merge  # noqa: PLC0415
 
     policy, conv, a = _policy(policy), converter(to), problem.arrays()
     d, s = problem.dtype, problem.scale

@@ -20,8 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from ..backend import dtype_name
-from ..core import lora_backward, lora_forward
-from ..merge import round_to_dtype
+from ..ops.lora import lora_backward, lora_forward
+from ..numerics.rounding import round_to_dtype
 
 __all__ = [
     "ACCUMULATE",
@@ -209,7 +209,7 @@ def emulate_train(x, target, A, B, *, scale, W=None, bias=None, steps, sgd, dtyp
     """``steps`` training steps (forward, MSE loss, backward, SGD on A and B) rounded to ``dtype``.
 
     The loss gradient is dy = RN(RN(y - t) * (2 / numel)); the SGD update is
-    torch's (see ``reflora.sgd``), each tensor operation rounded.
+    torch's (see ``reflora.optim.sgd``), each tensor operation rounded.
 
     Args:
       sgd: dict with lr, momentum, dampening, weight_decay, nesterov, maximize.

@@ -155,7 +155,7 @@ def scalar_error(s: float, U: Units) -> float:
         with np.errstate(over="ignore"):
             h = np.array([s]).astype(np.float32)
             if fmt == "bfloat16":
-                from ..merge import round_to_dtype  # noqa: PLC0415
+                from ..numerics.rounding import round_to_dtype  # noqa: PLC0415
 
                 h = round_to_dtype(np.array([s]), "bfloat16")
             elif fmt == "float16":

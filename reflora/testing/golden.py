@@ -69,8 +69,8 @@ from typing import Any
 import numpy as np
 
 from .._errors import FormatError
-from ..core import lora_backward, lora_forward
-from ..safetensors_io import load_tensors, save_tensors
+from ..ops.lora import lora_backward, lora_forward
+from ..io.safetensors import load_tensors, save_tensors
 from ._report import _f64
 from .problems import Problem, SGDOptions
 from .envelope import backward_envelope, forward_envelope, train_envelope
@@ -204,8 +204,8 @@ def write_golden(directory: str, *, seed: int = 0, policy: TolerancePolicy | Non
 
 
 def _reference_train(f: dict, s: float, sgd: SGDOptions) -> tuple[np.ndarray, np.ndarray]:
-    from ..core import mse_loss  # noqa: PLC0415
-    from ..sgd import SGD  # noqa: PLC0415
+    from ..ops.lora import mse_loss  # noqa: PLC0415
+    from ..optim.sgd import SGD  # noqa: PLC0415
 
     opt = SGD(**sgd.as_kwargs())
     params = {"A": f["A"], "B": f["B"]}

@@ -1,0 +1,7 @@
+"""``python -m reflora.cli``: the command line."""
+
+import sys
+
+from reflora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Numerics: rounding to storage dtypes, correctly rounded merges, rounding-error bounds."""

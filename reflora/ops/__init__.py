@@ -1,0 +1,1 @@
+"""The math as pure op pairs (forward, backward), one module per op."""

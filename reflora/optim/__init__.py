@@ -1,0 +1,1 @@
+"""Optimisers as pure update rules over arrays (SGD; AdamW joins later)."""

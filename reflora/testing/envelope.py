@@ -211,16 +211,22 @@ def dot(a: Q, b: Q, U: Units, plus: Sequence[Q] = ()) -> Q:
     else:
         e_in = np.zeros_like(M)
     m = a.m @ b.m
-    g = _grid(a.v) * _grid(b.v) if M.size else math.inf
     for p in plus:
         v = v + p.v
         M = M + np.abs(p.v)
         e_in = e_in + p.e
         m = m + p.m
-        g = min(g, _grid(p.v))
+    g = 0.0
+    if (e_in == 0).any():  # the grid only matters where the inputs are exact
+        g = _grid(a.v) * _grid(b.v) if M.size else math.inf
+        for p in plus:
+            g = min(g, _grid(p.v))
     K = a.v.shape[-1] + len(plus)
     Mt = M + e_in
-    ex = (e_in == 0) & ((M == 0) | ((M < 2.0 ** -math.log2(U.u_a) * g) & (g >= U.eta_a)))
+    if (e_in == 0).any():
+        ex = (e_in == 0) & ((M == 0) | ((M < 2.0 ** -math.log2(U.u_a) * g) & (g >= U.eta_a)))
+    else:  # no element has exact inputs: nothing to certify
+        ex = np.zeros(M.shape, dtype=bool)
     theta = math.expm1(K * math.log1p(U.u_a))  # (1 + u)^K - 1: every term passes <= K roundings
     e = np.where(ex, e_in, e_in + theta * Mt + 2 * K * U.eta_a)
     return Q(v, _overflow(e, v, U.a), m)
@@ -261,11 +267,12 @@ PLACEMENTS = ("x", "A", "h", "B", "l")
 
 def _lora_paths(xm: Q, A: Q, B: Q, s: float, U: Units, e_s: float):
     """(placement, X, Aq, Bq, h, hs) for each placement of the scale in s ((xm A^T) B^T)."""
+    h0 = round_d(dot(xm, A.T, U), U)  # shared by the placements after h
     for P in PLACEMENTS:
         X = round_d(mul_s(xm, s, U, e_s), U) if P == "x" else xm
         Aq = round_d(mul_s(A, s, U, e_s), U) if P == "A" else A
         Bq = round_d(mul_s(B, s, U, e_s), U) if P == "B" else B
-        h = round_d(dot(X, Aq.T, U), U)
+        h = round_d(dot(X, Aq.T, U), U) if P in ("x", "A") else h0
         hs = round_d(mul_s(h, s, U, e_s), U) if P == "h" else h
         yield P, X, Aq, Bq, h, hs
 
@@ -291,11 +298,12 @@ def forward_envelope(x, A, B, *, scale, W=None, bias=None, dropout_mask=None, dt
         y = sum_any([L] if b is None else [L, b], U)
     else:
         extra = [] if b is None else [b]
-        variants = [sum_any([round_d(dot(x2, W.T, U), U), L] + extra, U),                  # separate
-                    sum_any([round_d(dot(x2, W.T, U, plus=[L]), U)] + extra, U)]           # addmm(L, x, W^T)
+        WT = W.T
+        variants = [sum_any([round_d(dot(x2, WT, U), U), L] + extra, U),                   # separate
+                    sum_any([round_d(dot(x2, WT, U, plus=[L]), U)] + extra, U)]           # addmm(L, x, W^T)
         if b is not None:
-            variants += [sum_any([round_d(dot(x2, W.T, U, plus=[b]), U), L], U),           # F.linear(x, W, b)
-                         round_d(dot(x2, W.T, U, plus=[b, L]), U)]                          # all in one accumulator
+            variants += [sum_any([round_d(dot(x2, WT, U, plus=[b]), U), L], U),           # F.linear(x, W, b)
+                         round_d(dot(x2, WT, U, plus=[b, L]), U)]                          # all in one accumulator
         y = qmax(variants)
     return Q(y.v.reshape(lead + (O,)), y.e.reshape(lead + (O,)), y.m.reshape(lead + (O,)))
 
@@ -310,11 +318,13 @@ def backward_envelope(x, A, B, dy, *, scale, W=None, dropout_mask=None, dtype, a
     xm = x2 if mask is None else round_d(mul_e(x2, mask, U), U)
     e_s = scalar_error(scale, U)
     out = {"dx": [], "dA": [], "dB": []}
+    dh0 = round_d(dot(dy2, B, U), U)  # dy B: shared by the placements before B
+    dyW = None if W is None else round_d(dot(dy2, W, U), U)
     for P, X, Aq, Bq, h, hs in _lora_paths(xm, A, B, scale, U, e_s):
         dl = round_d(mul_s(dy2, scale, U, e_s), U) if P == "l" else dy2
         dBq = round_d(dot(dl.T, hs, U), U)
         out["dB"].append(round_d(mul_s(dBq, scale, U, e_s), U) if P == "B" else dBq)
-        dhs = round_d(dot(dl, Bq, U), U)
+        dhs = round_d(dot(dl, Bq, U), U) if P in ("B", "l") else dh0
         dh = round_d(mul_s(dhs, scale, U, e_s), U) if P == "h" else dhs
         dAq = round_d(dot(dh.T, X, U), U)
         out["dA"].append(round_d(mul_s(dAq, scale, U, e_s), U) if P == "A" else dAq)
@@ -324,7 +334,7 @@ def backward_envelope(x, A, B, dy, *, scale, W=None, dropout_mask=None, dtype, a
         if W is None:
             out["dx"].append(round_d(dxl, U))
         else:
-            out["dx"] += [sum_any([dxl, round_d(dot(dy2, W, U), U)], U), round_d(dot(dy2, W, U, plus=[dxl]), U)]
+            out["dx"] += [sum_any([dxl, dyW], U), round_d(dot(dy2, W, U, plus=[dxl]), U)]
     dx = qmax(out["dx"])
     dx = Q(dx.v.reshape(xq.v.shape), dx.e.reshape(xq.v.shape), dx.m.reshape(xq.v.shape))
     return dx, qmax(out["dA"]), qmax(out["dB"])

@@ -223,3 +223,33 @@ def merge_addmm(W, A, B, *, scale):
 
 MERGES = {"torchtune": merge_torchtune, "peft_cpu": merge_peft_cpu, "peft_gpu": merge_peft_gpu, "addmm": merge_addmm,
           "peft_layer": _pm, "loralib_layer": _lm}
+
+
+def peft_init(config, *, seed):
+    """PEFT's own reset_lora_parameters (init_lora_weights True or "gaussian") on a fresh lora.Linear."""
+    import peft as peft_  # noqa: PLC0415
+    from peft.tuners.lora import Linear as PeftLinear  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    scheme = "gaussian" if config.init == "gaussian" else True
+    base = torch.nn.Linear(config.in_features, config.out_features)
+    cfg = peft_.LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights=scheme)
+    layer = PeftLinear(base, "default", config=cfg, r=config.rank, lora_alpha=config.alpha, init_lora_weights=scheme)
+    return layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
+
+
+def peft_unmerge(W, A, B, *, scale):
+    """PEFT's unmerge: the layer marked merged into W', then unmerge() subtracts its delta."""
+    layer, _, _, _ = _build_peft(A, B, W, None, scale, A.dtype)
+    layer.merged_adapters.append("default")
+    with torch.no_grad():
+        layer.unmerge()
+    return layer.get_base_layer().weight.detach().clone()
+
+
+def loralib_unmerge(W, A, B, *, scale):
+    """loralib's unmerge: train(True) on a merged layer subtracts (B @ A) * scaling."""
+    layer, _, _, _ = _build_loralib(A, B, W, None, scale, A.dtype)
+    layer.merged = True
+    layer.train(True)
+    return layer.weight.detach().clone()

@@ -97,7 +97,47 @@ def load_seed(path):
     return t["lora_a"].T.contiguous(), t["lora_b"].T.contiguous()
 
 
+def unmerge(W, A, B, *, scale):
+    return W - (B @ A) * scale
+
+
+def init(config, *, seed):
+    """PEFT's reset_lora_parameters: A by kaiming_uniform_(a=sqrt(5)) or N(0, (1/R)^2), B zeros (torch's RNG)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.empty(config.rank, config.in_features)
+    if config.init == "gaussian":
+        torch.nn.init.normal_(A, std=1 / config.rank, generator=g)
+    else:
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
+    return A, torch.zeros(config.out_features, config.rank)
+
+
+def _init_mutant(draw_A, B_nonzero=False):
+    def bad_init(config, *, seed):
+        g = torch.Generator().manual_seed(seed)
+        A = draw_A(config, g)
+        B = torch.randn(config.out_features, config.rank, generator=g) if B_nonzero else \
+            torch.zeros(config.out_features, config.rank)
+        return A, B
+    return bad_init
+
+
+#: the seed's bound sqrt(2/fan_in) * sqrt(6) = sqrt(12/fan_in) for kaiming_uniform
+init_seed_bound = _init_mutant(lambda c, g: (torch.rand(c.rank, c.in_features, generator=g) * 2 - 1)
+                               * math.sqrt(12 / c.in_features))
+#: candle-lora's Kaiming normal, std sqrt(2/fan_in), for every scheme
+init_candle_normal = _init_mutant(lambda c, g: torch.randn(c.rank, c.in_features, generator=g)
+                                  * math.sqrt(2 / c.in_features))
+#: gaussian with std 1/sqrt(R) instead of PEFT's 1/R (kaiming_uniform right)
+init_gaussian_sqrt_r = _init_mutant(lambda c, g: init(c, seed=int(torch.randint(0, 2**31, (1,), generator=g)))[0]
+                                    if c.init != "gaussian" else
+                                    torch.randn(c.rank, c.in_features, generator=g) / math.sqrt(c.rank))
+#: B left at nn.Linear's default (nonzero): the adapter does not start as the identity
+init_B_nonzero = _init_mutant(lambda c, g: init(c, seed=0)[0], B_nonzero=True)
+
+
 candidate = types.SimpleNamespace(forward=forward, backward=backward, train_step=train_step, merge=merge,
+                                  unmerge=unmerge, init=init,
                                   scaling=scaling, save=save, load=load, dtypes=DTYPES, to="torch",
                                   layout="peft")
 

@@ -19,6 +19,9 @@ from .checks import (CheckResult, check_backward, check_backward_problem, check_
 from .problems import Problem, SGDOptions
 from .tolerance import (DEFAULTS, Tolerance, TolerancePolicy, emulate_backward, emulate_forward, emulate_merge,
                         emulate_train)
+# issue 10: the new protocols (unmerge, init) and the error envelope
+from .checks import check_init, check_init_config, check_unmerge, check_unmerge_problem
+from .envelope import backward_envelope, forward_envelope, merge_envelope, train_envelope
 
 __all__ = [
     "CheckResult",
@@ -45,4 +48,13 @@ __all__ = [
     "emulate_forward",
     "emulate_merge",
     "emulate_train",
+    # issue 10
+    "backward_envelope",
+    "check_init",
+    "check_init_config",
+    "check_unmerge",
+    "check_unmerge_problem",
+    "forward_envelope",
+    "merge_envelope",
+    "train_envelope",
 ]

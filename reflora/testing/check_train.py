@@ -13,7 +13,8 @@ from .envelope import merge_envelope, train_envelope
 from .policy import TolerancePolicy
 from .problems import Problem, SGDOptions
 
-__all__ = ["check_merge", "check_merge_problem", "check_sgd", "check_sgd_problem"]
+__all__ = ["check_merge", "check_merge_problem", "check_sgd", "check_sgd_problem", "check_unmerge",
+           "check_unmerge_problem"]
 
 
 def check_sgd_problem(train_step: Callable, problem: Problem, options: SGDOptions, *,
@@ -89,6 +90,28 @@ def check_merge_problem(merge: Callable, problem: Problem, *, policy: ToleranceP
                     to=to, exc=f_.__cause__) from None
 
 
+def check_unmerge_problem(unmerge: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
+                          to: Any = None, check_dtype: bool = True) -> dict[str, float]:
+    """Check ``unmerge(W', A, B, *, scale) -> W' - s B A`` on one Problem (the problem's W plays the merged
+    weight W'), elementwise within the merge envelope with the scale negated."""
+    from ..numerics.merge import unmerge as ref_unmerge  # noqa: PLC0415
+
+    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    d, s = problem.dtype, problem.scale
+    f = {k: _f64(v) for k, v in a.items()}
+    W = a["W"] if a["W"] is not None else np.zeros((problem.O, problem.I)).astype(a["A"].dtype)
+    W64 = W.astype(np.float64)
+    try:
+        ref = np.asarray(ref_unmerge(W64, f["A"], f["B"], scale=s).weight)
+        env = merge_envelope(W64, f["A"], f["B"], scale=-s, dtype=d, accumulate=policy.accumulate)
+        out = _call("unmerge", unmerge, conv(W), conv(a["A"]), conv(a["B"]), scale=s)
+        return {"W_unmerged": _compare("W_unmerged", out, ref, env, policy, d, check_dtype=check_dtype,
+                                       what="(unmerged weight W' - s B A)")}
+    except _Fail as f_:
+        raise _fail("check_unmerge", [("unmerge", unmerge)], problem, str(f_),
+                    "check_unmerge_problem(unmerge, problem", to=to, exc=f_.__cause__) from None
+
+
 # ---------------------------------------------------------------- hypothesis drivers
 
 
@@ -121,4 +144,15 @@ def check_merge(merge: Callable, *, dtype: str = "float32", max_examples: int = 
     strat = _problems(d, W=True, dropout=False)
     return _run("check_merge", d, strat,
                 lambda p: check_merge_problem(merge, p, policy=policy, to=to, check_dtype=check_dtype),
+                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+
+
+def check_unmerge(unmerge: Callable, *, dtype: str = "float32", max_examples: int = 50, derandomize: bool = False,
+                  seed: int | None = None, policy: TolerancePolicy | None = None, to: Any = None,
+                  check_dtype: bool = True, shrink: bool = True) -> CheckResult:
+    """Check a candidate unmerge(W', A, B, *, scale) -> W' - s B A (O, I). Arguments as ``check_forward``."""
+    d = _dtype(dtype)
+    strat = _problems(d, W=True, dropout=False)
+    return _run("check_unmerge", d, strat,
+                lambda p: check_unmerge_problem(unmerge, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)

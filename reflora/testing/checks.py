@@ -11,6 +11,8 @@ Protocols (A (R, I), B (O, R), W (O, I), bias (O,), x (..., I), as everywhere in
         on the first step). One step: y = forward, L = mean((y - target)^2),
         backward, torch.optim.SGD update of A and B.
     merge(W, A, B, *, scale) -> W' (O, I)            W' = W + s B A
+    unmerge(W', A, B, *, scale) -> W (O, I)          W = W' - s B A
+    init(config, *, seed) -> (A, B)                  a fresh adapter (judged statistically)
     scaling(rank, alpha, *, use_rslora) -> float     alpha / R, or alpha / sqrt(R)
     save(path, A, B) -> None;  load(path) -> (A, B)  an adapter file round trip
 
@@ -36,7 +38,7 @@ reruns just that case). A candidate that raises is a failure too, reported
 with the problem that made it raise. On success a check returns a
 ``CheckResult`` with the worst error/tolerance ratio per tensor.
 
-The checks live in ``check_lora`` (forward, backward, metamorphic),
+The checks live in ``check_lora`` (forward, backward, metamorphic), ``check_stats`` (init),
 ``check_train`` (SGD, merge) and ``check_io`` (round trip, scale); this
 module gathers them.
 """
@@ -47,7 +49,9 @@ from ._report import CheckResult, _compare, _Fail, converter  # noqa: F401 (_com
 from .check_io import SCALE_GRID, check_roundtrip, check_roundtrip_problem, check_scale  # noqa: F401
 from .check_lora import (check_backward, check_backward_problem, check_forward, check_forward_problem,
                          check_metamorphic, check_metamorphic_problem)
-from .check_train import check_merge, check_merge_problem, check_sgd, check_sgd_problem
+from .check_stats import check_init, check_init_config
+from .check_train import (check_merge, check_merge_problem, check_sgd, check_sgd_problem, check_unmerge,
+                          check_unmerge_problem)
 
 __all__ = [
     "CheckResult",
@@ -55,6 +59,8 @@ __all__ = [
     "check_backward_problem",
     "check_forward",
     "check_forward_problem",
+    "check_init",
+    "check_init_config",
     "check_merge",
     "check_merge_problem",
     "check_metamorphic",
@@ -64,5 +70,7 @@ __all__ = [
     "check_scale",
     "check_sgd",
     "check_sgd_problem",
+    "check_unmerge",
+    "check_unmerge_problem",
     "converter",
 ]

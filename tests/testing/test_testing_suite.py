@@ -27,17 +27,18 @@ def test_correct_candidate_passes_and_the_header_lists_what_was_found(tmp_path):
     r = run_suite(tmp_path, "lora_candidates:candidate_f32")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "reflora candidate: lora_candidates:candidate_f32" in r.stdout
-    assert "callables found: forward, backward, train_step, merge, scaling, save, load" in r.stdout
+    assert "callables found: forward, backward, train_step, merge, scaling, save, load, unmerge, init" in r.stdout
     assert "PASSED" in r.stdout and "FAILED" not in r.stdout
     for test in ("test_forward[float32]", "test_backward[float32]", "test_metamorphic[float32]",
-                 "test_train_step[float32]", "test_merge[float32]", "test_roundtrip[float32]", "test_scaling"):
+                 "test_train_step[float32]", "test_merge[float32]", "test_roundtrip[float32]", "test_scaling",
+                 "test_unmerge[float32]", "test_init"):
         assert f"PASSED test_candidate.py::{test}" in r.stdout, test
 
 
 def test_missing_callables_are_skipped_and_listed(tmp_path):
     r = run_suite(tmp_path, "lora_candidates:forward_only")
     assert r.returncode == 0, r.stdout[-3000:]
-    assert "skipped (not provided): backward, train_step, merge, scaling, save, load" in r.stdout
+    assert "skipped (not provided): backward, train_step, merge, scaling, save, load, unmerge, init" in r.stdout
     assert "the candidate has no backward" in r.stdout
     assert "the candidate does not compute in float16" in r.stdout
 

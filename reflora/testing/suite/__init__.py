@@ -14,6 +14,8 @@ module, class or dict that provides some of these callables (protocols in
     merge(W, A, B, *, scale) -> W'
     scaling(rank, alpha, *, use_rslora) -> float
     save(path, A, B) and load(path) -> (A, B)
+    unmerge(W', A, B, *, scale) -> W' - s B A
+    init(config, *, seed) -> (A, B)    (config: reflora.LoraConfig; judged statistically)
 
 and optionally these settings:
 
@@ -35,6 +37,8 @@ lists what was found and what was skipped. Tests (ids for ``--xfails-file``):
     test_merge[DTYPE]         check_merge
     test_roundtrip[DTYPE]     check_roundtrip
     test_scaling              check_scale
+    test_unmerge[DTYPE]       check_unmerge
+    test_init                 check_init (false-alarm probability <= 3e-6 per configuration, reflora.testing.check_stats)
 
 Options: ``--max-examples N`` (hypothesis examples per test; default 100 for
 forward/backward, 10 for roundtrip, 50 for the others), ``--derandomize`` (a fixed, repeatable

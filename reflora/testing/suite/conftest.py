@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-CALLABLES = ("forward", "backward", "train_step", "merge", "scaling", "save", "load")
+CALLABLES = ("forward", "backward", "train_step", "merge", "scaling", "save", "load", "unmerge", "init")
 SETTINGS = ("dtypes", "to", "layout", "policy")
 ENV = "REFLORA_CANDIDATE"
 DTYPES = ("float64", "float32", "float16", "bfloat16")

@@ -65,3 +65,15 @@ def test_roundtrip(candidate, options, dtype):
 def test_scaling(candidate):
     (scaling,) = candidate.require("scaling")
     rt.check_scale(scaling)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unmerge(candidate, options, dtype):
+    (unmerge,) = candidate.require("unmerge")
+    candidate.require_dtype(dtype)
+    rt.check_unmerge(unmerge, dtype=dtype, **_kw(candidate, options, 50), **_policy(candidate))
+
+
+def test_init(candidate, options):
+    (init,) = candidate.require("init")
+    rt.check_init(init, max_examples=options["max_examples"] or 20, derandomize=options["derandomize"])

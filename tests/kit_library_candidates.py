@@ -253,3 +253,53 @@ def loralib_unmerge(W, A, B, *, scale):
     layer.merged = True
     layer.train(True)
     return layer.weight.detach().clone()
+
+
+# ---------------------------------------------------------------- lora_bias (PEFT's lora_B.bias)
+
+
+def _peft_bias_layer(A, B, c, W, bias, scale):
+    import peft as peft_  # noqa: PLC0415
+    from peft.tuners.lora import Linear as PeftLinear  # noqa: PLC0415
+
+    R, I, O = A.shape[0], A.shape[1], B.shape[0]
+    base = torch.nn.Linear(I, O, bias=bias is not None, dtype=A.dtype)
+    with torch.no_grad():
+        base.weight.copy_(W if W is not None else torch.zeros((O, I), dtype=A.dtype))
+        if bias is not None:
+            base.bias.copy_(bias)
+    base.requires_grad_(False)
+    cfg = peft_.LoraConfig(r=R, lora_alpha=R, lora_bias=True)
+    layer = PeftLinear(base, "default", config=cfg, r=R, lora_alpha=R, lora_bias=True)
+    la, lb = layer.lora_A["default"], layer.lora_B["default"]
+    la.to(A.dtype)
+    lb.to(A.dtype)
+    with torch.no_grad():
+        la.weight.copy_(A)
+        lb.weight.copy_(B)
+        lb.bias.copy_(c)
+    layer.scaling["default"] = scale
+    return layer, la.weight, lb.weight, lb.bias
+
+
+def peft_lora_bias_forward(x, A, B, lora_bias, *, scale, W=None, bias=None):
+    layer, *_ = _peft_bias_layer(A, B, lora_bias, W, bias, scale)
+    with torch.no_grad():
+        return layer(x)
+
+
+def peft_lora_bias_backward(x, A, B, lora_bias, dy, *, scale, W=None, bias=None):
+    layer, pA, pB, pc = _peft_bias_layer(A, B, lora_bias, W, bias, scale)
+    x = x.detach().clone().requires_grad_(True)
+    return torch.autograd.grad(layer(x), (x, pA, pB, pc), dy)
+
+
+def lora_bias_forward_c_unscaled(x, A, B, lora_bias, *, scale, W=None, bias=None):
+    """Mutant: c added after the scale (s (x A^T) B^T + c)."""
+    return lc.forward(x, A, B, scale=scale, W=W, bias=bias) + lora_bias
+
+
+def lora_bias_backward_dc_unscaled(x, A, B, lora_bias, dy, *, scale, W=None, bias=None):
+    """Mutant: dc = sum_N dy, the scale forgotten."""
+    dx, dA, dB, dc = peft_lora_bias_backward(x, A, B, lora_bias, dy, scale=scale, W=W, bias=bias)
+    return dx, dA, dB, dc / scale if scale else dc + 1

@@ -50,7 +50,8 @@ import numpy as np
 from ..backend import dtype_name
 from .emulation import DTYPES, np_dtype
 
-__all__ = ["Q", "Units", "backward_envelope", "forward_envelope", "merge_envelope", "train_envelope", "units"]
+__all__ = ["Q", "Units", "backward_envelope", "forward_envelope", "lora_bias_grad_envelope", "merge_envelope",
+           "train_envelope", "units"]
 
 _P = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
 _TINY = {"float64": 2.0**-1022, "float32": 2.0**-126, "float16": 2.0**-14, "bfloat16": 2.0**-126}
@@ -277,22 +278,30 @@ def _lora_paths(xm: Q, A: Q, B: Q, s: float, U: Units, e_s: float):
         yield P, X, Aq, Bq, h, hs
 
 
-def forward_envelope(x, A, B, *, scale, W=None, bias=None, dropout_mask=None, dtype, accumulate="float32") -> Q:
-    """The envelope of y = x W^T + bias + s ((x * m) A^T) B^T over the evaluation class; Q of shape (..., O).
+def forward_envelope(x, A, B, *, scale, W=None, bias=None, dropout_mask=None, lora_bias=None, dtype,
+                     accumulate="float32") -> Q:
+    """The envelope of y = x W^T + bias + s ((x * m) A^T B^T + c) over the evaluation class; Q of shape (..., O).
 
     Inputs are host arrays (values of ``dtype``) or ``Q`` (held with an error bound, e.g. A and B after SGD
-    steps, or a merged W).
+    steps, or a merged W). ``lora_bias`` is c (O,), PEFT's lora_B.bias (None: no c).
     """
     U = units(dtype, accumulate)
-    xq, A, B, W, b = map(_q, (x, A, B, W, bias))
+    xq, A, B, W, b, c = map(_q, (x, A, B, W, bias, lora_bias))
     lead, I, O = xq.v.shape[:-1], xq.v.shape[-1], B.v.shape[0]
     x2 = _rows(xq, I)
     xm = x2 if dropout_mask is None else round_d(mul_e(x2, np.asarray(dropout_mask, np.float64).reshape(-1, I), U), U)
     e_s = scalar_error(scale, U)
     paths = []
+    cs = None if c is None else round_d(mul_s(c, scale, U, e_s), U)
     for P, X, Aq, Bq, h, hs in _lora_paths(xm, A, B, scale, U, e_s):
-        l_ = round_d(dot(hs, Bq.T, U), U)
-        paths.append(round_d(mul_s(l_, scale, U, e_s), U) if P == "l" else l_)
+        if c is None:
+            l_ = round_d(dot(hs, Bq.T, U), U)
+            paths.append(round_d(mul_s(l_, scale, U, e_s), U) if P == "l" else l_)
+        elif P == "l":  # (h B^T + c) s: c in the accumulator (addmm, as nn.Linear) or added after
+            for l_ in (round_d(dot(hs, Bq.T, U, plus=[c]), U), sum_any([round_d(dot(hs, Bq.T, U), U), c], U)):
+                paths.append(round_d(mul_s(l_, scale, U, e_s), U))
+        else:  # the scale went in before B: c is scaled on its own
+            paths += [round_d(dot(hs, Bq.T, U, plus=[cs]), U), sum_any([round_d(dot(hs, Bq.T, U), U), cs], U)]
     L = qmax(paths)
     if W is None:
         y = sum_any([L] if b is None else [L, b], U)
@@ -338,6 +347,20 @@ def backward_envelope(x, A, B, dy, *, scale, W=None, dropout_mask=None, dtype, a
     dx = qmax(out["dx"])
     dx = Q(dx.v.reshape(xq.v.shape), dx.e.reshape(xq.v.shape), dx.m.reshape(xq.v.shape))
     return dx, qmax(out["dA"]), qmax(out["dB"])
+
+
+def lora_bias_grad_envelope(dy, *, scale, dtype, accumulate="float32") -> Q:
+    """The envelope of dc = s sum_N dy (the gradient of PEFT's lora_B.bias c), the scale before or after."""
+    U = units(dtype, accumulate)
+    dyq = _q(dy)
+    O = dyq.v.shape[-1]
+    dy2 = _rows(dyq, O)
+    ones = exact(np.ones((1, dy2.v.shape[0])))
+    e_s = scalar_error(scale, U)
+    after = round_d(mul_s(round_d(dot(ones, dy2, U), U), scale, U, e_s), U)
+    before = round_d(dot(ones, round_d(mul_s(dy2, scale, U, e_s), U), U), U)
+    out = qmax([after, before])
+    return Q(out.v.reshape(O), out.e.reshape(O), out.m.reshape(O))
 
 
 def merge_envelope(W, A, B, *, scale, dtype, accumulate="float32") -> Q:

@@ -42,7 +42,7 @@ from .emulation import DTYPES, _check_acc
 __all__ = ["DEFAULTS", "F64_SLACK", "TENSORS", "TENSOR_DEFAULTS", "Tolerance", "TolerancePolicy"]
 
 #: The tensor names a tolerance can be set for (see the module docstring).
-TENSORS = ("y", "dx", "dA", "dB", "A", "B", "W", "W_unmerged", "y_B0", "y_merged")
+TENSORS = ("y", "dx", "dA", "dB", "A", "B", "W", "W_unmerged", "y_B0", "y_merged", "dlora_bias")
 #: Relative slack for float64's own rounding in the reference (times mag).
 F64_SLACK = 2.0**-39
 

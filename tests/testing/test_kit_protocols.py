@@ -1,4 +1,4 @@
-"""The new protocols of issue 10: unmerge (within the merge envelope) and init (judged statistically).
+"""The new protocols of issue 10: unmerge and lora_bias (within the envelope) and init (judged statistically).
 
 init: a correct initialisation fails a configuration with probability at most 3e-6 (reflora.testing.check_stats);
 the runs here are derandomized, so they are repeatable. The seed's sqrt(12/I) bound, candle-lora's Kaiming
@@ -65,3 +65,14 @@ def test_wrong_unmerges_fail(dtype):
     with pytest.raises(AssertionError, match=r"W_unmerged .*is wrong"):
         rt.check_unmerge(lambda W, A, B, *, scale: W - B @ A, dtype=dtype, to="torch", max_examples=50,
                          derandomize=True)
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float16", "bfloat16", "float64"))
+def test_peft_lora_bias_passes_and_its_mutants_fail(dtype):
+    kw = dict(dtype=dtype, to="torch", derandomize=True)
+    assert rt.check_lora_bias_forward(kc.peft_lora_bias_forward, max_examples=25, **kw).examples == 25
+    assert rt.check_lora_bias_backward(kc.peft_lora_bias_backward, max_examples=25, **kw).examples == 25
+    with pytest.raises(AssertionError, match=r"y \(with lora_bias\) is wrong"):
+        rt.check_lora_bias_forward(kc.lora_bias_forward_c_unscaled, max_examples=50, shrink=False, **kw)
+    with pytest.raises(AssertionError, match=r"dlora_bias is wrong"):
+        rt.check_lora_bias_backward(kc.lora_bias_backward_dc_unscaled, max_examples=50, shrink=False, **kw)

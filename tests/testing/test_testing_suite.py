@@ -38,7 +38,8 @@ def test_correct_candidate_passes_and_the_header_lists_what_was_found(tmp_path):
 def test_missing_callables_are_skipped_and_listed(tmp_path):
     r = run_suite(tmp_path, "lora_candidates:forward_only")
     assert r.returncode == 0, r.stdout[-3000:]
-    assert "skipped (not provided): backward, train_step, merge, scaling, save, load, unmerge, init" in r.stdout
+    assert ("skipped (not provided): backward, train_step, merge, scaling, save, load, unmerge, init, "
+            "lora_bias_forward, lora_bias_backward") in r.stdout
     assert "the candidate has no backward" in r.stdout
     assert "the candidate does not compute in float16" in r.stdout
 

@@ -16,6 +16,8 @@ module, class or dict that provides some of these callables (protocols in
     save(path, A, B) and load(path) -> (A, B)
     unmerge(W', A, B, *, scale) -> W' - s B A
     init(config, *, seed) -> (A, B)    (config: reflora.LoraConfig; judged statistically)
+    lora_bias_forward(x, A, B, lora_bias, *, scale, W=None, bias=None) -> y
+    lora_bias_backward(x, A, B, lora_bias, dy, *, scale, W=None, bias=None) -> (dx, dA, dB, dlora_bias)
 
 and optionally these settings:
 
@@ -38,6 +40,8 @@ lists what was found and what was skipped. Tests (ids for ``--xfails-file``):
     test_roundtrip[DTYPE]     check_roundtrip
     test_scaling              check_scale
     test_unmerge[DTYPE]       check_unmerge
+    test_lora_bias_forward[DTYPE], test_lora_bias_backward[DTYPE]
+                              check_lora_bias_forward / _backward (PEFT's lora_B.bias)
     test_init                 check_init (false-alarm probability <= 3e-6 per configuration, reflora.testing.check_stats)
 
 Options: ``--max-examples N`` (hypothesis examples per test; default 100 for

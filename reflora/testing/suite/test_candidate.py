@@ -77,3 +77,17 @@ def test_unmerge(candidate, options, dtype):
 def test_init(candidate, options):
     (init,) = candidate.require("init")
     rt.check_init(init, max_examples=options["max_examples"] or 20, derandomize=options["derandomize"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_bias_forward(candidate, options, dtype):
+    (fwd,) = candidate.require("lora_bias_forward")
+    candidate.require_dtype(dtype)
+    rt.check_lora_bias_forward(fwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_bias_backward(candidate, options, dtype):
+    (bwd,) = candidate.require("lora_bias_backward")
+    candidate.require_dtype(dtype)
+    rt.check_lora_bias_backward(bwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))

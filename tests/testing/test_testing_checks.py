@@ -121,6 +121,22 @@ def test_problems_shrink_to_the_simplest_case():
     assert (q.I, q.R, q.lead) == (1, 2, (1, 1))
 
 
+def test_problems_draw_zero_and_negative_scales_and_wide_positive_problems():
+    assert find(rst.problems(), lambda p: p.scale == 0).scale == 0.0
+    assert find(rst.problems(), lambda p: p.scale < 0).scale == -1.0
+    q = find(rst.problems(wide=True), lambda p: p.I >= 256 and p.values == "positive")
+    assert q.I == 256 and (q.arrays()["x"] >= 0).all() and (q.arrays()["A"] >= 0).all()
+
+
+def test_training_problems_make_every_sgd_option_visible():
+    # lr at the stable cap moves A and B by a visible fraction; weight decay decays them by 0.25 (1 - momentum)
+    p, o = find(rst.training_problems(dtypes=["bfloat16"]),
+                lambda po: po[1].weight_decay > 0 and po[1].momentum > 0 and po[0].scale != 0)
+    assert o.lr * o.weight_decay == pytest.approx(0.1 * (1 - o.momentum), rel=0.05) or \
+        o.lr * o.weight_decay == pytest.approx(0.25 * (1 - o.momentum), rel=0.05)
+    assert o.lr * o.weight_decay > 2.0**-8  # above bfloat16's resolution
+
+
 def test_problem_arrays_are_reproducible_and_in_the_dtype():
     p = rt.Problem(lead=(2, 3), I=5, O=4, R=6, dtype="bfloat16", seed=11, W=True, bias=True, dropout=0.5)
     a, b = p.arrays(), p.arrays()

@@ -147,22 +147,17 @@ def _work(v, e_in, m, U: Units, exact64: Any = True) -> Q:
 
 
 def scalar_error(s: float, U: Units) -> float:
-    """e_s = max |s - held s| over s as given (float64), fl_a(s) and fl_d(s)."""
-    s = float(s)
-    out = 0.0
-    for fmt in {U.a, U.d}:
-        if fmt == "float64":
-            continue
-        with np.errstate(over="ignore"):
-            h = np.array([s]).astype(np.float32)
-            if fmt == "bfloat16":
-                from ..numerics.rounding import round_to_dtype  # noqa: PLC0415
+    """e_s = max |s - held s| over s as given (float64), fl_a(s), fl_d(s), and fl_d(fl_32(s)) (a conversion
+    through float32, as torch's double -> half does)."""
+    from ..numerics.rounding import round_to_dtype  # noqa: PLC0415
 
-                h = round_to_dtype(np.array([s]), "bfloat16")
-            elif fmt == "float16":
-                h = np.array([s]).astype(np.float16)
-        out = max(out, abs(s - float(h[0])))
-    return out
+    s = float(s)
+    held = [s]
+    with np.errstate(over="ignore"):
+        for fmt in {U.a, U.d} - {"float64"}:
+            held.append(float(round_to_dtype(np.array([s]), fmt)[0]))
+            held.append(float(round_to_dtype(np.array([s], np.float32).astype(np.float64), fmt)[0]))
+    return max(abs(s - h) for h in held)
 
 
 def mul_s(q: Q, s: float, U: Units, e_s: float | None = None) -> Q:

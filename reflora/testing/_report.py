@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np

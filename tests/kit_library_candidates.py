@@ -303,3 +303,36 @@ def lora_bias_backward_dc_unscaled(x, A, B, lora_bias, dy, *, scale, W=None, bia
     """Mutant: dc = sum_N dy, the scale forgotten."""
     dx, dA, dB, dc = peft_lora_bias_backward(x, A, B, lora_bias, dy, scale=scale, W=W, bias=bias)
     return dx, dA, dB, dc / scale if scale else dc + 1
+
+
+# ---------------------------------------------------------------- DoRA (PEFT's use_dora)
+
+
+def peft_dora_forward(x, A, B, m, W, *, scale, bias=None):
+    """PEFT's lora.Linear with use_dora=True: its DoraLinearLayer forward, magnitude set to m."""
+    import peft as peft_  # noqa: PLC0415
+    from peft.tuners.lora import Linear as PeftLinear  # noqa: PLC0415
+
+    R, I, O = A.shape[0], A.shape[1], B.shape[0]
+    base = torch.nn.Linear(I, O, bias=bias is not None, dtype=A.dtype)
+    with torch.no_grad():
+        base.weight.copy_(W)
+        if bias is not None:
+            base.bias.copy_(bias)
+    cfg = peft_.LoraConfig(r=R, lora_alpha=R, use_dora=True)
+    layer = PeftLinear(base, "default", config=cfg, r=R, lora_alpha=R, use_dora=True)
+    layer.to(A.dtype)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+        layer.scaling["default"] = scale
+        layer.lora_magnitude_vector["default"].weight.copy_(m)
+        # PEFT's DoRA broadcasts g as (1, O): a 1-D x would come back (1, O), so rows go in as 2-D
+        return layer(x.reshape(-1, I)).reshape(*x.shape[:-1], O)
+
+
+def dora_forward_norm_without_scale(x, A, B, m, W, *, scale, bias=None):
+    """Mutant: the norm of W + B A (the scale left out of the norm)."""
+    n = torch.linalg.norm(W + B @ A, dim=1)
+    y = (m / n) * (x @ W.T + scale * (x @ A.T) @ B.T)
+    return y if bias is None else y + bias

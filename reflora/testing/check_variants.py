@@ -1,4 +1,4 @@
-"""Checks of LoRA variants: PEFT's lora_bias (a bias c on lora_B, scaled with the branch).
+"""Checks of LoRA variants: PEFT's lora_bias (a bias c on lora_B, scaled with the branch) and the DoRA forward.
 
 Protocols (A (R, I), B (O, R), c (O,), W (O, I), x (..., I)):
 
@@ -7,7 +7,10 @@ Protocols (A (R, I), B (O, R), c (O,), W (O, I), x (..., I)):
     backward(x, A, B, lora_bias, dy, *, scale, W=None, bias=None) -> (dx, dA, dB, dlora_bias)
         dlora_bias = s sum_N dy
 
-c is drawn from the problem's seed (``lora_bias_of``). Every output is judged
+    dora_forward(x, A, B, m, W, *, scale, bias=None) -> y
+        y = g * (x W^T + s (x A^T) B^T) + bias,  g = m / ||W + s B A||_row
+
+c and m are drawn from the problem's seed (``lora_bias_of``, ``magnitude_of``). Every output is judged
 elementwise against the error envelope (c in lora_B's accumulator, as
 nn.Linear does, or added after; the scale anywhere).
 """
@@ -26,7 +29,7 @@ from .envelope import backward_envelope, forward_envelope, lora_bias_grad_envelo
 from .policy import TolerancePolicy
 from .problems import Problem
 
-__all__ = ["check_lora_bias_backward", "check_lora_bias_backward_problem", "check_lora_bias_forward",
+__all__ = ["check_dora_forward", "check_dora_forward_problem", "magnitude_of", "check_lora_bias_backward", "check_lora_bias_backward_problem", "check_lora_bias_forward",
            "check_lora_bias_forward_problem", "lora_bias_of"]
 
 
@@ -105,4 +108,49 @@ def check_lora_bias_backward(backward: Callable, *, dtype: str = "float32", max_
     return _run("check_lora_bias_backward", d, _problems(d, dropout=False),
                 lambda p: check_lora_bias_backward_problem(backward, p, policy=policy, to=to,
                                                            check_dtype=check_dtype),
+                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+
+
+# ---------------------------------------------------------------- DoRA forward
+
+
+def magnitude_of(problem: Problem) -> np.ndarray:
+    """m (O,) of ``problem``'s dtype: the row norms of W + s B A times 1 + U(-1/4, 1/4), from its seed."""
+    a = {k: _f64(v) for k, v in problem.arrays().items()}
+    n = np.linalg.norm(a["W"] + problem.scale * a["B"] @ a["A"], axis=1)
+    return to_dtype(n * (1 + 0.25 * host_rng(problem.seed + 104729).uniform(-1, 1, problem.O)), problem.dtype)
+
+
+def check_dora_forward_problem(forward: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
+                               to: Any = None, check_dtype: bool = True) -> dict[str, float]:
+    """Check dora_forward(x, A, B, m, W, *, scale, bias) on one Problem (with W, no dropout)."""
+    from ..ops.dora import dora_forward  # noqa: PLC0415
+    from .envelope_dora import dora_forward_envelope  # noqa: PLC0415
+
+    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    f = {k: _f64(v) for k, v in a.items()}
+    d, s = problem.dtype, problem.scale
+    m = magnitude_of(problem)
+    try:
+        n = np.linalg.norm(f["W"] + s * f["B"] @ f["A"], axis=1)
+        if not np.all(n > 0):
+            return {}  # a row of W + s B A that vanishes has no direction: DoRA is undefined there
+        ref, _ = dora_forward(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], scale=s, bias=f["bias"])
+        env = dora_forward_envelope(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], scale=s, bias=f["bias"],
+                                    dtype=d, accumulate=policy.accumulate)
+        y = _call("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(m), conv(a["W"]), scale=s,
+                  bias=None if a["bias"] is None else conv(a["bias"]))
+        return {"y": _compare("y", y, np.asarray(ref), env, policy, d, check_dtype=check_dtype, what="(DoRA)")}
+    except _Fail as f_:
+        raise _fail("check_dora_forward", [("forward", forward)], problem, str(f_),
+                    "check_dora_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
+
+
+def check_dora_forward(forward: Callable, *, dtype: str = "float32", max_examples: int = 100,
+                       derandomize: bool = False, seed: int | None = None, policy: TolerancePolicy | None = None,
+                       to: Any = None, check_dtype: bool = True, shrink: bool = True) -> CheckResult:
+    """Check a DoRA forward on ``max_examples`` problems with W (see the module docstring)."""
+    d = _dtype(dtype)
+    return _run("check_dora_forward", d, _problems(d, W=True, dropout=False),
+                lambda p: check_dora_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)

@@ -1,4 +1,4 @@
-"""The new protocols of issue 10: unmerge and lora_bias (within the envelope) and init (judged statistically).
+"""The new protocols of issue 10: unmerge, lora_bias, DoRA forward (within the envelope) and init (statistically).
 
 init: a correct initialisation fails a configuration with probability at most 3e-6 (reflora.testing.check_stats);
 the runs here are derandomized, so they are repeatable. The seed's sqrt(12/I) bound, candle-lora's Kaiming
@@ -76,3 +76,21 @@ def test_peft_lora_bias_passes_and_its_mutants_fail(dtype):
         rt.check_lora_bias_forward(kc.lora_bias_forward_c_unscaled, max_examples=50, shrink=False, **kw)
     with pytest.raises(AssertionError, match=r"dlora_bias is wrong"):
         rt.check_lora_bias_backward(kc.lora_bias_backward_dc_unscaled, max_examples=50, shrink=False, **kw)
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float16", "bfloat16", "float64"))
+def test_peft_dora_forward_passes_and_a_norm_without_the_scale_fails(dtype):
+    kw = dict(dtype=dtype, to="torch", derandomize=True)
+    assert rt.check_dora_forward(kc.peft_dora_forward, max_examples=30, **kw).examples == 30
+    with pytest.raises(AssertionError, match=r"y \(DoRA\) is wrong"):
+        rt.check_dora_forward(kc.dora_forward_norm_without_scale, max_examples=60, shrink=False, **kw)
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float16", "float64"))
+def test_reflora_dora_forward_passes_its_own_check(dtype):
+    from reflora.ops.dora import dora_forward
+
+    def fwd(x, A, B, m, W, *, scale, bias=None):
+        return dora_forward(x, A, B, m, W, scale=scale, bias=bias)[0]
+
+    assert rt.check_dora_forward(fwd, dtype=dtype, max_examples=30, derandomize=True).examples == 30

@@ -91,3 +91,10 @@ def test_lora_bias_backward(candidate, options, dtype):
     (bwd,) = candidate.require("lora_bias_backward")
     candidate.require_dtype(dtype)
     rt.check_lora_bias_backward(bwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dora_forward(candidate, options, dtype):
+    (fwd,) = candidate.require("dora_forward")
+    candidate.require_dtype(dtype)
+    rt.check_dora_forward(fwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))

@@ -308,8 +308,7 @@ def lora_bias_backward_dc_unscaled(x, A, B, lora_bias, dy, *, scale, W=None, bia
 # ---------------------------------------------------------------- DoRA (PEFT's use_dora)
 
 
-def peft_dora_forward(x, A, B, m, W, *, scale, bias=None):
-    """PEFT's lora.Linear with use_dora=True: its DoraLinearLayer forward, magnitude set to m."""
+def _peft_dora_layer(A, B, m, W, bias, scale):
     import peft as peft_  # noqa: PLC0415
     from peft.tuners.lora import Linear as PeftLinear  # noqa: PLC0415
 
@@ -327,8 +326,26 @@ def peft_dora_forward(x, A, B, m, W, *, scale, bias=None):
         layer.lora_B["default"].weight.copy_(B)
         layer.scaling["default"] = scale
         layer.lora_magnitude_vector["default"].weight.copy_(m)
+    return layer
+
+
+def peft_dora_forward(x, A, B, m, W, *, scale, bias=None):
+    """PEFT's lora.Linear with use_dora=True: its DoraLinearLayer forward, magnitude set to m."""
+    layer = _peft_dora_layer(A, B, m, W, bias, scale)
+    with torch.no_grad():
         # PEFT's DoRA broadcasts g as (1, O): a 1-D x would come back (1, O), so rows go in as 2-D
-        return layer(x.reshape(-1, I)).reshape(*x.shape[:-1], O)
+        return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], B.shape[0])
+
+
+def peft_dora_backward(x, A, B, m, W, dy, *, scale, bias=None):
+    """torch autograd through PEFT's DoRA forward (the norm detached, as PEFT does)."""
+    layer = _peft_dora_layer(A, B, m, W, bias, scale)
+    x2 = x.detach().reshape(-1, x.shape[-1]).clone().requires_grad_(True)
+    y = layer(x2)
+    params = (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight)
+    gx, gA, gB, gm = torch.autograd.grad(y, (x2, *params), dy.reshape(y.shape))
+    return gx.reshape(x.shape), gA, gB, gm
 
 
 def dora_forward_norm_without_scale(x, A, B, m, W, *, scale, bias=None):
@@ -336,3 +353,9 @@ def dora_forward_norm_without_scale(x, A, B, m, W, *, scale, bias=None):
     n = torch.linalg.norm(W + B @ A, dim=1)
     y = (m / n) * (x @ W.T + scale * (x @ A.T) @ B.T)
     return y if bias is None else y + bias
+
+
+def dora_backward_dm_not_divided(x, A, B, m, W, dy, *, scale, bias=None):
+    """Mutant: dm = sum_N dy * (x V^T), the division by the (detached) norm forgotten."""
+    dx, dA, dB, dm = peft_dora_backward(x, A, B, m, W, dy, scale=scale, bias=bias)
+    return dx, dA, dB, dm * torch.linalg.norm((W + scale * (B @ A)).float(), dim=1).to(dm.dtype)

@@ -20,7 +20,7 @@ from .problems import Problem, SGDOptions
 from .tolerance import (DEFAULTS, Tolerance, TolerancePolicy, emulate_backward, emulate_forward, emulate_merge,
                         emulate_train)
 # issue 10: the new protocols (unmerge, init) and the error envelope
-from .checks import (check_dora_forward, check_dora_forward_problem, check_init, check_init_config, check_lora_bias_backward, check_lora_bias_backward_problem,
+from .checks import (check_dora_backward, check_dora_backward_problem, check_dora_forward, check_dora_forward_problem, check_init, check_init_config, check_lora_bias_backward, check_lora_bias_backward_problem,
                      check_lora_bias_forward, check_lora_bias_forward_problem, check_unmerge, check_unmerge_problem)
 from .envelope import backward_envelope, forward_envelope, merge_envelope, train_envelope
 
@@ -51,6 +51,8 @@ __all__ = [
     "emulate_train",
     # issue 10
     "backward_envelope",
+    "check_dora_backward",
+    "check_dora_backward_problem",
     "check_dora_forward",
     "check_dora_forward_problem",
     "check_init",

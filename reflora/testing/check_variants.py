@@ -9,6 +9,8 @@ Protocols (A (R, I), B (O, R), c (O,), W (O, I), x (..., I)):
 
     dora_forward(x, A, B, m, W, *, scale, bias=None) -> y
         y = g * (x W^T + s (x A^T) B^T) + bias,  g = m / ||W + s B A||_row
+    dora_backward(x, A, B, m, W, dy, *, scale, bias=None) -> (dx, dA, dB, dm)
+        the norm detached (PEFT's and the DoRA paper's gradient; reflora.ops.dora)
 
 c and m are drawn from the problem's seed (``lora_bias_of``, ``magnitude_of``). Every output is judged
 elementwise against the error envelope (c in lora_B's accumulator, as
@@ -29,7 +31,7 @@ from .envelope import backward_envelope, forward_envelope, lora_bias_grad_envelo
 from .policy import TolerancePolicy
 from .problems import Problem
 
-__all__ = ["check_dora_forward", "check_dora_forward_problem", "magnitude_of", "check_lora_bias_backward", "check_lora_bias_backward_problem", "check_lora_bias_forward",
+__all__ = ["check_dora_backward", "check_dora_backward_problem", "check_dora_forward", "check_dora_forward_problem", "magnitude_of", "check_lora_bias_backward", "check_lora_bias_backward_problem", "check_lora_bias_forward",
            "check_lora_bias_forward_problem", "lora_bias_of"]
 
 
@@ -153,4 +155,44 @@ def check_dora_forward(forward: Callable, *, dtype: str = "float32", max_example
     d = _dtype(dtype)
     return _run("check_dora_forward", d, _problems(d, W=True, dropout=False),
                 lambda p: check_dora_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
+                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+
+
+def check_dora_backward_problem(backward: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
+                                to: Any = None, check_dtype: bool = True) -> dict[str, float]:
+    """Check dora_backward(x, A, B, m, W, dy, *, scale, bias) -> (dx, dA, dB, dm) on one Problem."""
+    from ..ops.dora import dora_backward, dora_forward  # noqa: PLC0415
+    from .envelope_dora import dora_backward_envelope  # noqa: PLC0415
+
+    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    f = {k: _f64(v) for k, v in a.items()}
+    d, s = problem.dtype, problem.scale
+    m = magnitude_of(problem)
+    try:
+        if not np.all(np.linalg.norm(f["W"] + s * f["B"] @ f["A"], axis=1) > 0):
+            return {}  # a vanishing row has no direction: DoRA is undefined there
+        _, cache = dora_forward(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], scale=s, bias=f["bias"])
+        ref = dora_backward(f["dy"], cache)
+        envs = dora_backward_envelope(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], f["dy"], scale=s,
+                                      dtype=d, accumulate=policy.accumulate)
+        out = _call("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(m), conv(a["W"]),
+                    conv(a["dy"]), scale=s, bias=None if a["bias"] is None else conv(a["bias"]))
+        if not isinstance(out, (tuple, list)) or len(out) != 4:
+            raise _Fail(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB, dm)")
+        ratios = {}
+        for name, got, r, e in zip(("dx", "dA", "dB", "dm"), out, ref, envs):
+            ratios[name] = _compare(name, got, np.asarray(r), e, policy, d, check_dtype=check_dtype, what="(DoRA)")
+        return ratios
+    except _Fail as f_:
+        raise _fail("check_dora_backward", [("backward", backward)], problem, str(f_),
+                    "check_dora_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
+
+
+def check_dora_backward(backward: Callable, *, dtype: str = "float32", max_examples: int = 100,
+                        derandomize: bool = False, seed: int | None = None, policy: TolerancePolicy | None = None,
+                        to: Any = None, check_dtype: bool = True, shrink: bool = True) -> CheckResult:
+    """Check a DoRA backward (norm detached) on ``max_examples`` problems with W (see the module docstring)."""
+    d = _dtype(dtype)
+    return _run("check_dora_backward", d, _problems(d, W=True, dropout=False),
+                lambda p: check_dora_backward_problem(backward, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)

@@ -39,7 +39,7 @@ with the problem that made it raise. On success a check returns a
 ``CheckResult`` with the worst error/tolerance ratio per tensor.
 
 The checks live in ``check_lora`` (forward, backward, metamorphic), ``check_stats`` (init),
-``check_train`` (SGD, merge, unmerge), ``check_variants`` (lora_bias, DoRA forward) and ``check_io`` (round trip, scale); this
+``check_train`` (SGD, merge, unmerge), ``check_variants`` (lora_bias, DoRA) and ``check_io`` (round trip, scale); this
 module gathers them.
 """
 
@@ -50,7 +50,8 @@ from .check_io import SCALE_GRID, check_roundtrip, check_roundtrip_problem, chec
 from .check_lora import (check_backward, check_backward_problem, check_forward, check_forward_problem,
                          check_metamorphic, check_metamorphic_problem)
 from .check_stats import check_init, check_init_config
-from .check_variants import (check_dora_forward, check_dora_forward_problem, check_lora_bias_backward, check_lora_bias_backward_problem, check_lora_bias_forward,
+from .check_variants import (check_dora_backward, check_dora_backward_problem, check_dora_forward,
+                             check_dora_forward_problem, check_lora_bias_backward, check_lora_bias_backward_problem, check_lora_bias_forward,
                              check_lora_bias_forward_problem)
 from .check_train import (check_merge, check_merge_problem, check_sgd, check_sgd_problem, check_unmerge,
                           check_unmerge_problem)
@@ -60,6 +61,8 @@ __all__ = [
     "check_backward",
     "check_backward_problem",
     "check_forward",
+    "check_dora_backward",
+    "check_dora_backward_problem",
     "check_dora_forward",
     "check_dora_forward_problem",
     "check_forward_problem",

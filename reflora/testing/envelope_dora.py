@@ -25,7 +25,7 @@ import numpy as np
 from .envelope import (Q, Units, _overflow, _q, _rows, _work, add, dot, exact, merge_envelope, mul_s, qmax,
                        round_d, scalar_error, sum_any, units)
 
-__all__ = ["dora_forward_envelope"]
+__all__ = ["dora_backward_envelope", "dora_forward_envelope"]
 
 
 def _mul_q(p: Q, q: Q, U: Units) -> Q:
@@ -93,3 +93,62 @@ def dora_forward_envelope(x, A, B, m, W, *, scale, bias=None, dtype, accumulate=
     y = qmax(paths)
     e = _overflow(y.e, y.v, U.d)
     return Q(y.v.reshape(lead + (O,)), e.reshape(lead + (O,)), y.m.reshape(lead + (O,)))
+
+
+def _divide_q(a: Q, n: Q, U: Units) -> Q:
+    """a / n, both held within their bounds: |a^/n^ - a/n| <= (|a| e_n + |n| e_a) / (|n| (|n| - e_n))."""
+    an = np.abs(n.v)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        v = a.v / n.v
+        e = np.where(n.e < an, (np.abs(a.v) * n.e + an * a.e) / (an * (an - n.e)), np.inf)
+        mag = np.where(an > n.e, a.m / np.maximum(an - n.e, 1e-300), np.inf)
+    return round_d(_work(v, e, mag, U, exact64=False), U)
+
+
+def _colsum_of_products(p: Q, q: Q, U: Units) -> Q:
+    """sum_N p * q per column (autograd's reduction of a broadcast product), any order."""
+    ones = exact(np.ones((1, p.v.shape[0])))
+    prod = round_d(_mul_q(p, q, U), U)
+    out = round_d(dot(ones, prod, U), U)
+    return Q(out.v[0], out.e[0], out.m[0])
+
+
+def dora_backward_envelope(x, A, B, m, W, dy, *, scale, dtype, accumulate="float32"):
+    """Envelopes of (dx, dA, dB, dm) of the DoRA forward with the norm detached (PEFT's gradient)."""
+    from .envelope import backward_envelope, forward_envelope  # noqa: PLC0415
+
+    U = units(dtype, accumulate)
+    xq, A, B, W, mq, dyq = map(_q, (x, A, B, W, m, dy))
+    lead, I, O = xq.v.shape[:-1], xq.v.shape[-1], B.v.shape[0]
+    x2, dy2 = _rows(xq, I), _rows(dyq, O)
+    e_s = scalar_error(scale, U)
+    n = _norm_rows(merge_envelope(W.v, A.v, B.v, scale=scale, dtype=dtype, accumulate=accumulate), U)
+    g = _divide(mq, n, U)
+    g2 = Q(g.v[None, :], g.e[None, :], g.m[None, :])
+    one = exact(np.ones_like(g2.v))
+    gm1 = round_d(add(g2, one, U, sign=-1.0), U)
+    # the LoRA branch sees g * dy, with the scale anywhere (backward_envelope's placements) or s * dy first
+    gdy = round_d(_mul_q(g2, dy2, U), U)
+    gsdy = round_d(_mul_q(g2, round_d(mul_s(dy2, scale, U, e_s), U), U), U)
+    lora = [backward_envelope(x2, A, B, gdy, scale=scale, dtype=dtype, accumulate=accumulate),
+            backward_envelope(x2, A, B, gsdy, scale=1.0, dtype=dtype, accumulate=accumulate)]
+    dx_l = qmax([lora[0][0], lora[1][0]])
+    dA = qmax([lora[0][1], lora[1][1]])
+    dB = qmax([lora[0][2], lora[1][2]])
+    dyW = round_d(dot(dy2, W, U), U)
+    gm1dyW = round_d(dot(round_d(_mul_q(gm1, dy2, U), U), W, U), U)
+    gdyW = round_d(dot(gdy, W, U), U)
+    dx = qmax([sum_any([dyW, gm1dyW, dx_l], U), sum_any([gdyW, dx_l], U)])
+    # dm = (sum_N dy * (x W^T) + sum_N (s dy) * (x A^T) B^T) / n, or sum_N dy * (x W^T + s x A^T B^T) / n
+    z = round_d(dot(x2, W.T, U), U)
+    h = round_d(dot(x2, A.T, U), U)
+    lo = round_d(dot(h, B.T, U), U)
+    sdy = round_d(mul_s(dy2, scale, U, e_s), U)
+    ls = round_d(mul_s(lo, scale, U, e_s), U)
+    dg = qmax([round_d(add(_colsum_of_products(dy2, z, U), _colsum_of_products(sdy, lo, U), U), U),
+               round_d(add(_colsum_of_products(dy2, z, U), _colsum_of_products(dy2, ls, U), U), U),
+               _colsum_of_products(dy2, _rows(forward_envelope(x2, A, B, scale=scale, W=W, dtype=dtype,
+                                                               accumulate=accumulate), O), U)])
+    dm = _divide_q(dg, n, U)
+    dx = Q(dx.v.reshape(xq.v.shape), dx.e.reshape(xq.v.shape), dx.m.reshape(xq.v.shape))
+    return dx, dA, dB, dm

@@ -1,4 +1,4 @@
-"""The new protocols of issue 10: unmerge, lora_bias, DoRA forward (within the envelope) and init (statistically).
+"""The new protocols of issue 10: unmerge, lora_bias, DoRA (within the envelope) and init (statistically).
 
 init: a correct initialisation fails a configuration with probability at most 3e-6 (reflora.testing.check_stats);
 the runs here are derandomized, so they are repeatable. The seed's sqrt(12/I) bound, candle-lora's Kaiming
@@ -94,3 +94,11 @@ def test_reflora_dora_forward_passes_its_own_check(dtype):
         return dora_forward(x, A, B, m, W, scale=scale, bias=bias)[0]
 
     assert rt.check_dora_forward(fwd, dtype=dtype, max_examples=30, derandomize=True).examples == 30
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float16", "bfloat16", "float64"))
+def test_peft_dora_backward_passes_and_an_undivided_dm_fails(dtype):
+    kw = dict(dtype=dtype, to="torch", derandomize=True)
+    assert rt.check_dora_backward(kc.peft_dora_backward, max_examples=25, **kw).examples == 25
+    with pytest.raises(AssertionError, match=r"dm \(DoRA\) is wrong"):
+        rt.check_dora_backward(kc.dora_backward_dm_not_divided, max_examples=50, shrink=False, **kw)

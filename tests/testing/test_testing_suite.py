@@ -39,7 +39,7 @@ def test_missing_callables_are_skipped_and_listed(tmp_path):
     r = run_suite(tmp_path, "lora_candidates:forward_only")
     assert r.returncode == 0, r.stdout[-3000:]
     assert ("skipped (not provided): backward, train_step, merge, scaling, save, load, unmerge, init, "
-            "lora_bias_forward, lora_bias_backward, dora_forward") in r.stdout
+            "lora_bias_forward, lora_bias_backward, dora_forward, dora_backward") in r.stdout
     assert "the candidate has no backward" in r.stdout
     assert "the candidate does not compute in float16" in r.stdout
 

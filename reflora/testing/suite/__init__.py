@@ -19,6 +19,7 @@ module, class or dict that provides some of these callables (protocols in
     lora_bias_forward(x, A, B, lora_bias, *, scale, W=None, bias=None) -> y
     lora_bias_backward(x, A, B, lora_bias, dy, *, scale, W=None, bias=None) -> (dx, dA, dB, dlora_bias)
     dora_forward(x, A, B, m, W, *, scale, bias=None) -> y   (DoRA, m the magnitude vector (O,))
+    dora_backward(x, A, B, m, W, dy, *, scale, bias=None) -> (dx, dA, dB, dm)   (norm detached, as PEFT)
 
 and optionally these settings:
 
@@ -43,7 +44,8 @@ lists what was found and what was skipped. Tests (ids for ``--xfails-file``):
     test_unmerge[DTYPE]       check_unmerge
     test_lora_bias_forward[DTYPE], test_lora_bias_backward[DTYPE]
                               check_lora_bias_forward / _backward (PEFT's lora_B.bias)
-    test_dora_forward[DTYPE]  check_dora_forward
+    test_dora_forward[DTYPE], test_dora_backward[DTYPE]
+                              check_dora_forward / _backward
     test_init                 check_init (false-alarm probability <= 3e-6 per configuration, reflora.testing.check_stats)
 
 Options: ``--max-examples N`` (hypothesis examples per test; default 100 for

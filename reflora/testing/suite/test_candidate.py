@@ -98,3 +98,10 @@ def test_dora_forward(candidate, options, dtype):
     (fwd,) = candidate.require("dora_forward")
     candidate.require_dtype(dtype)
     rt.check_dora_forward(fwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dora_backward(candidate, options, dtype):
+    (bwd,) = candidate.require("dora_backward")
+    candidate.require_dtype(dtype)
+    rt.check_dora_backward(bwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))

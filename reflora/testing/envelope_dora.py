@@ -119,7 +119,7 @@ def dora_backward_envelope(x, A, B, m, W, dy, *, scale, dtype, accumulate="float
 
     U = units(dtype, accumulate)
     xq, A, B, W, mq, dyq = map(_q, (x, A, B, W, m, dy))
-    lead, I, O = xq.v.shape[:-1], xq.v.shape[-1], B.v.shape[0]
+    I, O = xq.v.shape[-1], B.v.shape[0]
     x2, dy2 = _rows(xq, I), _rows(dyq, O)
     e_s = scalar_error(scale, U)
     n = _norm_rows(merge_envelope(W.v, A.v, B.v, scale=scale, dtype=dtype, accumulate=accumulate), U)

@@ -1,7 +1,7 @@
 """The kit judged both ways: false alarms on correct candidates, catch rates of mutants, per check and dtype.
 
     python benchmarks/bench_kit_catch.py [--examples 2000] [--dtypes float32,float16,bfloat16,float64]
-                                         [--only forward,backward,sgd,merge] [--quick]
+                                         [--only forward,backward,sgd,merge,unmerge,lora_bias,dora,init] [--quick]
 
 For each check and dtype, the same ``--examples`` problems (the checks' own
 strategies, derandomized) are given to every candidate through the
@@ -49,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=2000)
     ap.add_argument("--dtypes", default="float32,float16,bfloat16,float64")
-    ap.add_argument("--only", default="forward,backward,sgd,merge")
+    ap.add_argument("--only", default="forward,backward,sgd,merge,unmerge,lora_bias,dora,init")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -74,6 +74,8 @@ def main() -> None:
                 try:
                     if kind == "sgd":
                         rt.check_sgd_problem(fn, p[0], p[1], to="torch", **kw)
+                    elif kind == "init":
+                        rt.check_init_config(fn, p)
                     else:
                         getattr(rt, f"check_{kind}_problem")(fn, p, to="torch", **kw)
                 except AssertionError:
@@ -129,6 +131,36 @@ def main() -> None:
             run("merge", [("merge_without_scale", lc.merge_no_scale, {}),
                           ("merge_scale_error_0.5%", lambda W, A, B, *, scale: lc.merge(W, A, B, scale=1.005 * scale),
                            {})], probs, d, False)
+
+        if "unmerge" in checks:
+            probs = _draw(rst.problems(dtypes=[d], W=True, dropout=False), args.examples)
+            run("unmerge", [("torch", lc.unmerge, {}), ("peft_layer", kc.peft_unmerge, {}),
+                            ("loralib_layer", kc.loralib_unmerge, {})], probs, d, True)
+            run("unmerge", [("merge_as_unmerge", lc.merge, {})], probs, d, False)
+        if "lora_bias" in checks:
+            probs = _draw(rst.problems(dtypes=[d], dropout=False, wide=True), args.examples)
+            run("lora_bias_forward", [("peft", kc.peft_lora_bias_forward, {})], probs, d, True)
+            run("lora_bias_forward", [("c_unscaled", kc.lora_bias_forward_c_unscaled, {})], probs, d, False)
+            run("lora_bias_backward", [("peft", kc.peft_lora_bias_backward, {})], probs, d, True)
+            run("lora_bias_backward", [("dc_unscaled", kc.lora_bias_backward_dc_unscaled, {})], probs, d, False)
+        if "dora" in checks:
+            probs = _draw(rst.problems(dtypes=[d], W=True, dropout=False), args.examples)
+            run("dora_forward", [("peft", kc.peft_dora_forward, {})], probs, d, True)
+            run("dora_forward", [("norm_without_scale", kc.dora_forward_norm_without_scale, {})], probs, d, False)
+            run("dora_backward", [("peft", kc.peft_dora_backward, {})], probs, d, True)
+            run("dora_backward", [("dm_not_divided", kc.dora_backward_dm_not_divided, {})], probs, d, False)
+    if "init" in checks:
+        from hypothesis import strategies as st
+
+        from reflora import LoraConfig
+        from reflora.ops.init import init_lora
+        cfgs = _draw(st.tuples(rst.configs(max_size=64), st.sampled_from(("kaiming_uniform", "gaussian"))).map(
+            lambda t: LoraConfig(rank=t[0].rank, alpha=t[0].alpha, in_features=t[0].in_features,
+                                 out_features=t[0].out_features, init=t[1])), max(1, args.examples // 4))
+        run("init", [("torch_peft_order", lc.init, {}),
+                     ("reflora", lambda c, *, seed: init_lora(c, seed=seed, xp="numpy"), {})], cfgs, "float32", True)
+        run("init", [(n, getattr(lc, n), {}) for n in ("init_seed_bound", "init_candle_normal", "init_gaussian_sqrt_r",
+                                                       "init_B_nonzero")], cfgs, "float32", False)
 
     print()
     print("| check | dtype | candidate | kind | problems | failures | rate | examples/s |")

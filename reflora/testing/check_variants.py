@@ -174,7 +174,7 @@ def check_dora_backward_problem(backward: Callable, problem: Problem, *, policy:
         _, cache = dora_forward(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], scale=s, bias=f["bias"])
         ref = dora_backward(f["dy"], cache)
         envs = dora_backward_envelope(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], f["dy"], scale=s,
-                                      dtype=d, accumulate=policy.accumulate)
+                                      bias=f["bias"], dtype=d, accumulate=policy.accumulate)
         out = _call("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(m), conv(a["W"]),
                     conv(a["dy"]), scale=s, bias=None if a["bias"] is None else conv(a["bias"]))
         if not isinstance(out, (tuple, list)) or len(out) != 4:

@@ -113,12 +113,15 @@ def _colsum_of_products(p: Q, q: Q, U: Units) -> Q:
     return Q(out.v[0], out.e[0], out.m[0])
 
 
-def dora_backward_envelope(x, A, B, m, W, dy, *, scale, dtype, accumulate="float32"):
-    """Envelopes of (dx, dA, dB, dm) of the DoRA forward with the norm detached (PEFT's gradient)."""
+def dora_backward_envelope(x, A, B, m, W, dy, *, scale, bias=None, dtype, accumulate="float32"):
+    """Envelopes of (dx, dA, dB, dm) of the DoRA forward with the norm detached (PEFT's gradient).
+
+    ``bias`` matters for dm only: PEFT's x W^T is base(x) - bias, rounded twice.
+    """
     from .envelope import backward_envelope, forward_envelope  # noqa: PLC0415
 
     U = units(dtype, accumulate)
-    xq, A, B, W, mq, dyq = map(_q, (x, A, B, W, m, dy))
+    xq, A, B, W, mq, dyq, b = map(_q, (x, A, B, W, m, dy, bias))
     I, O = xq.v.shape[-1], B.v.shape[0]
     x2, dy2 = _rows(xq, I), _rows(dyq, O)
     e_s = scalar_error(scale, U)
@@ -145,10 +148,11 @@ def dora_backward_envelope(x, A, B, m, W, dy, *, scale, dtype, accumulate="float
     lo = round_d(dot(h, B.T, U), U)
     sdy = round_d(mul_s(dy2, scale, U, e_s), U)
     ls = round_d(mul_s(lo, scale, U, e_s), U)
-    dg = qmax([round_d(add(_colsum_of_products(dy2, z, U), _colsum_of_products(sdy, lo, U), U), U),
-               round_d(add(_colsum_of_products(dy2, z, U), _colsum_of_products(dy2, ls, U), U), U),
-               _colsum_of_products(dy2, _rows(forward_envelope(x2, A, B, scale=scale, W=W, dtype=dtype,
-                                                               accumulate=accumulate), O), U)])
+    zs = [z] if b is None else [z, round_d(add(sum_any([z, b], U), b, U, sign=-1.0), U)]  # PEFT: base(x) - bias
+    dg = qmax([round_d(add(_colsum_of_products(dy2, zz, U), _colsum_of_products(t, l_, U), U), U)
+               for zz in zs for t, l_ in ((sdy, lo), (dy2, ls))]
+              + [_colsum_of_products(dy2, _rows(forward_envelope(x2, A, B, scale=scale, W=W, dtype=dtype,
+                                                                 accumulate=accumulate), O), U)])
     dm = _divide_q(dg, n, U)
     dx = Q(dx.v.reshape(xq.v.shape), dx.e.reshape(xq.v.shape), dx.m.reshape(xq.v.shape))
     return dx, dA, dB, dm

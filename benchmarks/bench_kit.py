@@ -10,7 +10,7 @@ the candidate is correct). Printed side by side, measured in this run:
              forward example + one backward example)
   candidate  the torch candidate alone on the same kind of problems (forward,
              then backward through autograd): the floor the kit cannot beat
-  reference  reflora's float64 reference + emulated float32 reference + magnitudes alone
+  reference  reflora's float64 reference + the error envelopes alone
   draw       hypothesis drawing the problems alone (a @given body that does nothing)
 
 and the ratios kit / candidate. The best of --repeats runs is reported.
@@ -44,7 +44,7 @@ def main() -> None:
     import reflora.testing as rt
     from reflora.ops.lora import lora_backward, lora_forward
     from reflora.testing import strategies as rst
-    from reflora.testing.tolerance import emulate_backward, emulate_forward, magnitude_backward, magnitude_forward
+    from reflora.testing.envelope import backward_envelope, forward_envelope
 
     torch.set_num_threads(1)  # tiny shapes: threads only add overhead
     n, ms = args.examples, args.max_size
@@ -72,12 +72,9 @@ def main() -> None:
             kw = dict(scale=p.scale, W=f["W"], bias=f["bias"], dropout_mask=f["dropout_mask"])
             _, cache = lora_forward(f["x"], f["A"], f["B"], **kw)
             lora_backward(f["dy"], cache)
-            emulate_forward(a["x"], a["A"], a["B"], dtype="float32", **{**kw, "W": a["W"], "bias": a["bias"],
-                                                                      "dropout_mask": a["dropout_mask"]})
-            emulate_backward(a["x"], a["A"], a["B"], a["dy"], dtype="float32",
-                             **{**kw, "W": a["W"], "bias": a["bias"], "dropout_mask": a["dropout_mask"]})
-            magnitude_forward(f["x"], f["A"], f["B"], **kw)
-            magnitude_backward(f["x"], f["A"], f["B"], f["dy"], scale=p.scale, W=f["W"], dropout_mask=f["dropout_mask"])
+            forward_envelope(f["x"], f["A"], f["B"], dtype="float32", **kw)
+            backward_envelope(f["x"], f["A"], f["B"], f["dy"], dtype="float32", scale=p.scale, W=f["W"],
+                              dropout_mask=f["dropout_mask"])
 
     def draw():
         for _ in range(2):
@@ -98,7 +95,7 @@ def main() -> None:
         return min(times)
 
     rows = [("kit (check_forward + check_backward)", best(kit)), ("candidate alone (torch fwd + bwd)", best(candidate)),
-            ("reference + emulation alone", best(reference)), ("hypothesis draws alone", best(draw))]
+            ("reference + envelopes alone", best(reference)), ("hypothesis draws alone", best(draw))]
     print(f"bench_kit: {n} pairs (forward + backward examples), I, O <= {ms}, float32, torch "
           f"{torch.__version__}, 1 torch thread, load average {os.getloadavg()[0]:.2f}, best of {args.repeats}")
     print(f"{'':<40} {'seconds':>8} {'pairs/s':>9} {'examples/s':>11}")

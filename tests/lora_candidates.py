@@ -97,7 +97,47 @@ def load_seed(path):
     return t["lora_a"].T.contiguous(), t["lora_b"].T.contiguous()
 
 
+def unmerge(W, A, B, *, scale):
+    return W - (B @ A) * scale
+
+
+def init(config, *, seed):
+    """PEFT's reset_lora_parameters: A by kaiming_uniform_(a=sqrt(5)) or N(0, (1/R)^2), B zeros (torch's RNG)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.empty(config.rank, config.in_features)
+    if config.init == "gaussian":
+        torch.nn.init.normal_(A, std=1 / config.rank, generator=g)
+    else:
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
+    return A, torch.zeros(config.out_features, config.rank)
+
+
+def _init_mutant(draw_A, B_nonzero=False):
+    def bad_init(config, *, seed):
+        g = torch.Generator().manual_seed(seed)
+        A = draw_A(config, g)
+        B = torch.randn(config.out_features, config.rank, generator=g) if B_nonzero else \
+            torch.zeros(config.out_features, config.rank)
+        return A, B
+    return bad_init
+
+
+#: the seed's bound sqrt(2/fan_in) * sqrt(6) = sqrt(12/fan_in) for kaiming_uniform
+init_seed_bound = _init_mutant(lambda c, g: (torch.rand(c.rank, c.in_features, generator=g) * 2 - 1)
+                               * math.sqrt(12 / c.in_features))
+#: candle-lora's Kaiming normal, std sqrt(2/fan_in), for every scheme
+init_candle_normal = _init_mutant(lambda c, g: torch.randn(c.rank, c.in_features, generator=g)
+                                  * math.sqrt(2 / c.in_features))
+#: gaussian with std 1/sqrt(R) instead of PEFT's 1/R (kaiming_uniform right)
+init_gaussian_sqrt_r = _init_mutant(lambda c, g: init(c, seed=int(torch.randint(0, 2**31, (1,), generator=g)))[0]
+                                    if c.init != "gaussian" else
+                                    torch.randn(c.rank, c.in_features, generator=g) / math.sqrt(c.rank))
+#: B left at nn.Linear's default (nonzero): the adapter does not start as the identity
+init_B_nonzero = _init_mutant(lambda c, g: init(c, seed=0)[0], B_nonzero=True)
+
+
 candidate = types.SimpleNamespace(forward=forward, backward=backward, train_step=train_step, merge=merge,
+                                  unmerge=unmerge, init=init,
                                   scaling=scaling, save=save, load=load, dtypes=DTYPES, to="torch",
                                   layout="peft")
 
@@ -239,3 +279,87 @@ candidate_f32 = types.SimpleNamespace(**{**vars(candidate), "dtypes": ("float32"
 
 #: candle-lora's scale-on-base bug, with a correct backward
 mutant_candidate = types.SimpleNamespace(forward=fwd_scale_on_base, backward=backward, dtypes=("float32",), to="torch")
+
+
+# ---------------------------------------------------------------- mutants of issue 10 (subtle, half precision)
+
+
+def fwd_scale_error(c=1.005):
+    """The scale off by a factor c (0.5 % by default): a rounded alpha / r, a wrong rsLoRA constant."""
+    def scale_off(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+        return forward(x, A, B, scale=c * scale, W=W, bias=bias, dropout_mask=dropout_mask)
+    scale_off.__qualname__ = f"fwd_scale_error({c})"
+    return scale_off
+
+
+def fwd_scale_or_one(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+    """``scale = scale or 1.0``: a zero scale silently becomes 1."""
+    return forward(x, A, B, scale=scale or 1.0, W=W, bias=bias, dropout_mask=dropout_mask)
+
+
+def _matmul_acc_in_dtype(a, bT, chunk=8):
+    """a @ bT with the sum over the inner dimension accumulated in a's dtype: chunks of ``chunk`` products
+    (exact or float32 inside a chunk), their partial sums added one by one, each addition rounded to the dtype."""
+    out = None
+    for k in range(0, a.shape[-1], chunk):
+        part = a[..., k:k + chunk] @ bT[k:k + chunk]
+        out = part if out is None else out + part
+    return out
+
+
+def fwd_acc_in_dtype(x, A, B, *, scale, W=None, bias=None, dropout_mask=None):
+    """x A^T accumulated in the dtype (bfloat16 / float16) instead of float32."""
+    xm = x if dropout_mask is None else x * dropout_mask
+    lora = _matmul_acc_in_dtype(xm, A.T) @ B.T * scale
+    return (F.linear(x, W, bias) if W is not None else (0 if bias is None else bias)) + lora
+
+
+class SGDBug(torch.optim.Optimizer):
+    """torch.optim.SGD's update with one semantic bug (``bug``), as written by hand:
+
+    decay_ignored          weight decay never applied
+    decay_after_momentum   buf from the gradient alone, decay added to the step afterwards
+    damp_first_step        dampening applied on the first step too (torch starts buf = d_p)
+    maximize_after_decay   maximize negates g + wd p instead of g alone
+    buffer_reset           the momentum buffer restarts every step
+    """
+
+    def __init__(self, params, *, bug, lr, momentum, dampening, weight_decay, nesterov, maximize):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize))
+        self.bug = bug
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                wd, m = g["weight_decay"], g["momentum"]
+                d_p = p.grad
+                if self.bug != "maximize_after_decay" and g["maximize"]:
+                    d_p = -d_p
+                if wd and self.bug not in ("decay_ignored", "decay_after_momentum"):
+                    d_p = d_p.add(p, alpha=wd)
+                if self.bug == "maximize_after_decay" and g["maximize"]:
+                    d_p = -d_p
+                if m:
+                    st = self.state[p]
+                    if "buf" not in st or self.bug == "buffer_reset":
+                        buf = st["buf"] = d_p.clone() if self.bug != "damp_first_step" else d_p * (1 - g["dampening"])
+                    else:
+                        buf = st["buf"]
+                        buf.mul_(m).add_(d_p, alpha=1 - g["dampening"])
+                    d_p = d_p.add(buf, alpha=m) if g["nesterov"] else buf
+                if wd and self.bug == "decay_after_momentum":
+                    d_p = d_p.add(p, alpha=wd)
+                p.add_(d_p, alpha=-g["lr"])
+
+
+SGD_BUGS = ("decay_ignored", "decay_after_momentum", "damp_first_step", "maximize_after_decay", "buffer_reset")
+
+
+def train_sgd_bug(bug):
+    import functools
+
+    step = make_train_step(sgd=functools.partial(SGDBug, bug=bug))
+    step.__qualname__ = f"train_sgd_bug({bug!r})"
+    return step

@@ -11,22 +11,28 @@ with unit roundoff u, in *any* summation order and with or without FMA, obeys
 
 Products of computed quantities compound: if h = x A^T carries error
 gamma_I |x||A|^T, then h B^T carries gamma_{I+R} |x||A|^T|B|^T (to first
-order; gamma_j + gamma_k + gamma_j gamma_k <= gamma_{j+k}). The scale s, the
-dropout mask and each final addition add one rounding each. So, elementwise,
-with |.| taken entrywise:
+order; gamma_j + gamma_k + gamma_j gamma_k <= gamma_{j+k}). The scale s and
+the dropout mask add one rounding each, and holding s in the dtype one more
+where s is not a value of it (k_s = 1, else 0). The output y sums S terms in
+any order: the I products of x W^T, the LoRA output and the bias (S = I + 1 +
+[bias]; 1 + [bias] without W), so each takes part in up to S - 1 additions,
+wherever the bias or the LoRA output enters (even as the start of the base
+dot's accumulator); dx likewise sums dy W's O terms and the LoRA part. So,
+elementwise, with |.| taken entrywise:
 
-    y   <= gamma_{I+2} |x||W|^T + u |bias| + gamma_{I+R+4} |s| (|xm||A|^T)|B|^T
-    dB  <= gamma_{N+I+2} |s| |dy|^T (|xm||A|^T)
-    dA  <= gamma_{N+O+2} |s| (|dy||B|)^T |xm|
-    dx  <= gamma_{O+R+3} |s| ((|dy||B|)|A|) |mask| + gamma_{O+1} |dy||W|
+    y   <= gamma_S |x||W|^T + gamma_{S-1} |bias| + gamma_{I+R+1+k_s+S} |s| (|xm||A|^T)|B|^T
+    dB  <= gamma_{N+I+2+k_s} |s| |dy|^T (|xm||A|^T)
+    dA  <= gamma_{N+O+2+k_s} |s| (|dy||B|)^T |xm|
+    dx  <= gamma_{2O+R+2+k_s} |s| ((|dy||B|)|A|) |mask| + gamma_{O+1} |dy||W|
 
-with xm = x * mask (mask = 1 without dropout). Below the normal range a rounding can
+with xm = x * mask (mask = 1 without dropout; the O of dx's first term is 0 without W). Below the normal range a rounding can
 also lose an absolute amount eta (the smallest normal number, which covers
 flush-to-zero too): each dot product of length K adds 2 K eta, carried through
 the products that follow (Higham, section 2.1's model fl(a op b) = (a op b)(1 +
 delta) + eta). In float64 and float32 these terms are negligible unless the
 data are tiny; in float16 (eta = 6.1e-5) they matter for values below ~1e-2.
-Overflow is not covered: the bounds assume every computed value is finite. Two implementations that each satisfy these differ by at most
+Overflow is not covered: the bounds assume every computed value is finite.
+Two implementations that each satisfy these differ by at most
 twice the bound: that is the agreement test between NumPy and CuPy in float64.
 The bounds are worst-case; typical errors are ~sqrt(K) u rather than K u.
 """
@@ -55,6 +61,16 @@ def underflow_unit(dtype: Any) -> float:
     half the smallest subnormal).
     """
     return float(np.finfo(np.dtype(dtype_name(dtype))).tiny)
+
+
+def _representable(s: float, dtype: Any) -> bool:
+    """Whether the scale s is a value of ``dtype`` (so holding it in the dtype adds no rounding)."""
+    name = dtype_name(dtype)
+    if name == "float64":
+        return True
+    from .rounding import round_to_dtype  # noqa: PLC0415
+
+    return float(np.asarray(round_to_dtype(np.array([float(s)]), name), dtype=np.float64)[0]) == float(s)
 
 
 def gamma(k: int, u: float) -> float:
@@ -104,23 +120,31 @@ def lora_error_bounds(x, A, B, *, scale: float, dy=None, W=None, bias=None, drop
     eta = underflow_unit(dtype if dtype is not None else to_numpy(x).dtype)
     e_xm = eta if am is not None else 0.0                      # x * mask
     e_hs = s * (2 * I * eta + e_xm * aA.sum(axis=1)) + eta     # per r: hs = s (xm A^T)
-    y = gamma(I + R + 4, u) * s * (h @ aB.T) + 2 * (2 * R * eta + aB @ e_hs + 2 * eta)
+    # The scale: an implementation holds fl(s) where s is not a value of the dtype: one more rounding on
+    # every term that carries s (k_s = 1), none where s is representable (k_s = 0).
+    k_s = 0 if _representable(scale, dtype if dtype is not None else to_numpy(x).dtype) else 1
+    # The output sums S terms in any order (bias and LoRA output anywhere, even inside the base dot's
+    # accumulator): each takes part in at most S - 1 additions after its own roundings.
+    S = (I if aW is not None else 0) + 1 + (ab is not None)
+    y = gamma(I + R + 2 + k_s + S - 1, u) * s * (h @ aB.T) + 2 * (2 * R * eta + aB @ e_hs + S * eta)
     if aW is not None:
-        y = y + gamma(I + 2, u) * (x2 @ aW.T) + 2 * (2 * I * eta)
+        y = y + gamma(S, u) * (x2 @ aW.T) + 2 * (2 * I * eta)
     if ab is not None:
-        y = y + u * ab + eta
+        y = y + gamma(S - 1, u) * ab + S * eta
     if ady is None:
         z = np.zeros
         return LoraErrorBounds(y.reshape(lead + (O,)), z(ax.shape), z(aA.shape), z(aB.shape))
     dy2 = ady.reshape(-1, O)
-    dB = gamma(N + I + 2, u) * s * (dy2.T @ h) + 2 * (2 * N * eta + np.outer(dy2.sum(axis=0), e_hs))
+    dB = gamma(N + I + 2 + k_s, u) * s * (dy2.T @ h) + 2 * (2 * N * eta + np.outer(dy2.sum(axis=0), e_hs))
     dh = dy2 @ aB                                      # |dy||B|, N x R
     e_dh = s * 2 * O * eta + eta                       # dh = s (dy B)
-    dA = gamma(N + O + 2, u) * s * (dh.T @ xm) + 2 * (2 * N * eta + e_dh * xm.sum(axis=0)[None, :]
+    dA = gamma(N + O + 2 + k_s, u) * s * (dh.T @ xm) + 2 * (2 * N * eta + e_dh * xm.sum(axis=0)[None, :]
                                                      + s * dh.sum(axis=0)[:, None] * e_xm)
-    dx = gamma(O + R + 3, u) * s * (dh @ aA) + 2 * (2 * R * eta + e_dh * aA.sum(axis=0)[None, :])
+    # dx sums the LoRA part and the O terms of dy W in any order (the LoRA part may be the accumulator's start)
+    S_dx = (O if aW is not None else 0) + 1
+    dx = gamma(O + R + 2 + k_s + S_dx - 1, u) * s * (dh @ aA) + 2 * (2 * R * eta + e_dh * aA.sum(axis=0)[None, :])
     if am is not None:
         dx = dx * am.reshape(-1, I) + eta
     if aW is not None:
-        dx = dx + gamma(O + 1, u) * (dy2 @ aW) + 2 * (2 * O * eta + eta)
+        dx = dx + gamma(S_dx, u) * (dy2 @ aW) + 2 * (2 * O * eta + S_dx * eta)
     return LoraErrorBounds(y.reshape(lead + (O,)), dx.reshape(ax.shape), dA, dB)

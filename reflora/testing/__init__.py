@@ -21,6 +21,10 @@ from .tolerance import (DEFAULTS, Tolerance, TolerancePolicy, emulate_backward, 
                         emulate_train)
 # Adam / AdamW training steps (issue 15)
 from .optim_checks import AdamOptions, check_adam, check_adam_problem, check_adamw, check_adamw_problem
+# issue 10: the new protocols (unmerge, init) and the error envelope
+from .checks import (check_dora_backward, check_dora_backward_problem, check_dora_forward, check_dora_forward_problem, check_init, check_init_config, check_lora_bias_backward, check_lora_bias_backward_problem,
+                     check_lora_bias_forward, check_lora_bias_forward_problem, check_unmerge, check_unmerge_problem)
+from .envelope import backward_envelope, forward_envelope, merge_envelope, train_envelope
 
 __all__ = [
     "CheckResult",
@@ -53,6 +57,23 @@ __all__ = [
     "check_adam_problem",
     "check_adamw",
     "check_adamw_problem",
+    # issue 10
+    "backward_envelope",
+    "check_dora_backward",
+    "check_dora_backward_problem",
+    "check_dora_forward",
+    "check_dora_forward_problem",
+    "check_init",
+    "check_init_config",
+    "check_lora_bias_backward",
+    "check_lora_bias_backward_problem",
+    "check_lora_bias_forward",
+    "check_lora_bias_forward_problem",
+    "check_unmerge",
+    "check_unmerge_problem",
+    "forward_envelope",
+    "merge_envelope",
+    "train_envelope",
 ]
 
 # combination checks (issue 16)

@@ -10,7 +10,9 @@ Values: "normal" draws x, dy, target, bias ~ N(0, 1), A ~ N(0, 1/I),
 B ~ N(0, 1/R), W ~ N(0, 1/I), so every term of y is O(1) and nothing
 overflows float16; "integers" draws small integers in [-3, 3] (A, B, W
 divided by 4), where most arithmetic is exact (the simplest values hypothesis
-shrinks towards).
+shrinks towards); "positive" draws x and A as |N(0, 1)| and |N(0, 1/I)| (activations
+after a ReLU), so the sums x A^T grow with I instead of cancelling: the values
+where accumulating in half precision instead of float32 shows.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .tolerance import DTYPES, to_dtype
 
 __all__ = ["Problem", "SGDOptions"]
 
-VALUE_KINDS = ("integers", "normal")
+VALUE_KINDS = ("integers", "normal", "positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Problem:
       scale: s (alpha / R or alpha / sqrt(R)).
       W, bias: whether the base weight (O, I) and base bias (O,) are present.
       dropout: drop probability p of the LoRA-branch mask (0 = no mask).
-      values: "normal" or "integers" (see the module docstring).
+      values: "normal", "integers" or "positive" (see the module docstring).
 
     Example:
       >>> p = Problem(lead=(2,), I=3, O=4, R=2, dtype="float16", seed=0)
@@ -95,9 +97,13 @@ class Problem:
                 return v if std == 1.0 else v / 4.0
             return rng.standard_normal(shape) * std
 
+        def draw_pos(shape, std):
+            v = draw(shape, std)
+            return np.abs(v) if self.values == "positive" else v
+
         raw = {
-            "x": draw(xs, 1.0),
-            "A": draw((self.R, self.I), 1.0 / math.sqrt(self.I)),
+            "x": draw_pos(xs, 1.0),
+            "A": draw_pos((self.R, self.I), 1.0 / math.sqrt(self.I)),
             "B": draw((self.O, self.R), 1.0 / math.sqrt(self.R)),
             "W": draw((self.O, self.I), 1.0 / math.sqrt(self.I)),
             "bias": draw((self.O,), 1.0),

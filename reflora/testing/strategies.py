@@ -3,11 +3,11 @@
     dtypes()            "float64", "float32", "float16", "bfloat16"
     leads()             leading dimensions of x: none, one or several
     dims() / ranks()    tiny (1-4) or moderate (5-32) sizes; ranks 1-8, so R > I happens
-    scales()            alpha / R or alpha / sqrt(R) over common alphas
+    scales()            alpha / R or alpha / sqrt(R) over common alphas, its negative, or 0
     configs()           reflora.LoraConfig
     problems()          reflora.testing.Problem: shapes, dtype, seed, scale, W, bias, dropout
     sgd_options()       reflora.testing.SGDOptions (momentum, dampening, nesterov, ...)
-    training_problems() (Problem, SGDOptions) pairs whose lr keeps a few SGD steps smooth
+    training_problems() (Problem, SGDOptions) pairs: SGD steps smooth, every option visible
     arrays(), array_problems()
                         arrays drawn element by element through
                         hypothesis.extra.array_api (for your own properties)
@@ -41,7 +41,7 @@ from .problems import VALUE_KINDS, Problem, SGDOptions
 from .tolerance import DTYPES
 
 __all__ = ["array_problems", "arrays", "configs", "dims", "dtypes", "leads", "problems", "ranks", "scales",
-           "sgd_options", "stable_lr", "training_problems"]
+           "observable", "sgd_options", "stable_lr", "training_problems"]
 
 ALPHAS = (1.0, 2.0, 8.0, 16.0, 32.0)
 _XPS = None
@@ -91,13 +91,21 @@ def leads(*, max_dims: int = 3, max_side: int = 4, min_rows: int = 1) -> st.Sear
     return st.sampled_from(allowed)
 
 
+#: the sign of the scale: positive, negative (a negated adapter, or unmerge), or 0 (an adapter switched off);
+#: ``scale = scale or 1.0`` must fail
+SIGNS = (1.0, -1.0, 0.0)
+#: in_features of the wide problems (``problems(wide=True)``): long enough that accumulating x A^T in
+#: bfloat16 or float16 instead of float32 shows
+WIDE = (256, 1024)
+
+
 @st.composite
 def scales(draw, rank: int | None = None) -> float:
-    """s = alpha / R or alpha / sqrt(R) (rsLoRA); shrinks to alpha = 1, plain scaling."""
+    """s = sign * alpha / R or sign * alpha / sqrt(R) (rsLoRA), sign 1, -1 or 0; shrinks to 1, plain scaling."""
     R = draw(ranks()) if rank is None else rank
     alpha = draw(st.sampled_from(ALPHAS))
     rslora = draw(st.booleans())
-    return alpha / (math.sqrt(R) if rslora else R)
+    return draw(st.sampled_from(SIGNS)) * alpha / (math.sqrt(R) if rslora else R)
 
 
 @st.composite
@@ -111,10 +119,13 @@ def configs(draw, *, max_size: int = 32, max_rank: int = 8) -> LoraConfig:
 def problems(*, dtypes: Sequence[str] = ("float32",), max_size: int = 32, max_rank: int = 8,
              max_lead_dims: int = 3, W: bool | None = None, bias: bool | None = None,
              dropout: bool | None = None, min_rows: int = 1,
-             max_scale: float | None = None) -> st.SearchStrategy[Problem]:
+             max_scale: float | None = None, wide: bool = False) -> st.SearchStrategy[Problem]:
     """``Problem``s; W, bias, dropout True/False force them, None lets hypothesis choose.
 
-    ``max_scale`` caps s (training problems use 2, so a few SGD steps stay far from divergence).
+    ``max_scale`` caps |s| (training problems use 2, so a few SGD steps stay far from divergence).
+    The scale is positive, negative or 0 (``SIGNS``). ``wide`` makes about one problem in four
+    wide: I from ``WIDE`` (256 or 1024) whatever ``max_size``, where accumulating in half precision
+    instead of float32 shows.
 
     ``min_rows`` > 1 asks for at least that many rows (the batched-vs-looped property).
     The strategy is built once from plain parts (no per-draw strategy construction),
@@ -125,18 +136,21 @@ def problems(*, dtypes: Sequence[str] = ("float32",), max_size: int = 32, max_ra
     # the boolean and categorical parts in one draw, simplest first (fewer draws: less hypothesis overhead)
     flags = st.sampled_from(tuple(itertools.product(
         (False, True) if W is None else (W,), (False, True) if bias is None else (bias,), p_values,
-        VALUE_KINDS, ALPHAS, (False, True))))
-    parts = st.tuples(globals()["dtypes"](dtypes), lead, dims(max_size=max_size), dims(max_size=max_size),
+        VALUE_KINDS, ALPHAS, (False, True), SIGNS)))
+    in_dims = dims(max_size=max_size)
+    if wide:
+        in_dims = st.sampled_from(_dim_values(max_size) * 3 + WIDE * (len(_dim_values(max_size)) // 2 or 1))
+    parts = st.tuples(globals()["dtypes"](dtypes), lead, in_dims, dims(max_size=max_size),
                       ranks(max_rank=max_rank), flags, st.integers(0, 2**16 - 1))
 
     def build(t):
-        dtype, lead_, I, O, R, (has_W, has_bias, p_, values, alpha, rslora), seed = t
+        dtype, lead_, I, O, R, (has_W, has_bias, p_, values, alpha, rslora, sign), seed = t
         return Problem(lead=lead_, I=I, O=O, R=R, dtype=dtype, seed=seed,
-                       scale=alpha / (math.sqrt(R) if rslora else R), W=has_W, bias=has_bias, dropout=p_,
+                       scale=sign * alpha / (math.sqrt(R) if rslora else R), W=has_W, bias=has_bias, dropout=p_,
                        values=values)
 
     out = parts.map(build)
-    return out if max_scale is None else out.filter(lambda p: p.scale <= max_scale)
+    return out if max_scale is None else out.filter(lambda p: abs(p.scale) <= max_scale)
 
 
 @st.composite
@@ -170,21 +184,46 @@ def stable_lr(problem: Problem, options: SGDOptions, *, max_change: float = 0.25
     x = a["x"].reshape(-1, problem.I)
     n = max(1, x.shape[0] * problem.O)
     C = 2 * problem.scale**2 * (np.sum(x * x) * np.sum(a["B"] ** 2) + np.sum((x @ a["A"].T) ** 2)) / n
-    cap = max_change * (1 - options.momentum) / C if C > 0 else options.lr
+    cap = max_change * (1 - options.momentum) / C if C > 0 else (options.lr if math.isfinite(options.lr) else 0.01)
     if options.lr <= cap:
         return options
     lr = float(f"{cap:.2g}")
     return SGDOptions(**{**options.as_kwargs(), "lr": lr, "steps": options.steps})
 
 
+def observable(problem: Problem, options: SGDOptions, *, lr_fraction: float = 1.0,
+               decay: float = 0.0) -> SGDOptions:
+    """``options`` with lr and weight decay chosen so that every SGD option shows in every dtype.
+
+    In bfloat16 an update below 2^-9 of a parameter rounds away, and with
+    lr = 0.01 and weight decay 0.01 a decay of 1e-4 of the parameter is far
+    below: a candidate ignoring weight decay, or misplacing dampening, would pass.
+    Here lr = ``lr_fraction`` times the stable cap of ``stable_lr`` (so one step
+    moves A and B by up to about 25 %, far above bfloat16's resolution and still
+    smooth), and, when ``decay`` > 0, weight_decay = decay (1 - momentum) / lr: each
+    step decays the parameters by a visible fraction ``decay`` (1 - momentum).
+    """
+    capped = stable_lr(problem, SGDOptions(**{**options.as_kwargs(), "lr": math.inf, "steps": options.steps}))
+    lr = float(f"{lr_fraction * capped.lr:.2g}") if math.isfinite(capped.lr) else options.lr
+    wd = float(f"{decay * (1 - options.momentum) / lr:.2g}") if decay > 0 and lr > 0 else 0.0
+    return SGDOptions(**{**options.as_kwargs(), "lr": lr, "weight_decay": wd, "steps": options.steps})
+
+
+#: (lr fraction of the stable cap, decay per step) pairs drawn by ``training_problems``
+OBSERVABLE = tuple((f, dec) for f in (1.0, 0.5) for dec in (0.0, 0.25, 0.1))
+
+
 def training_problems(*, dtypes: Sequence[str] = ("float32",), max_size: int = 8,
                       steps: int | None = None) -> st.SearchStrategy[tuple[Problem, SGDOptions]]:
-    """(Problem, SGDOptions) pairs for training checks: no dropout, s <= 2, lr capped by ``stable_lr``."""
+    """(Problem, SGDOptions) pairs for training checks: no dropout, |s| <= 2, and lr and weight decay set by
+    ``observable`` so that each option's effect (decay, momentum, dampening, nesterov, maximize) is above
+    the dtype's resolution."""
     opts = sgd_options()
     if steps is not None:
         opts = opts.map(lambda o: SGDOptions(**{**o.as_kwargs(), "steps": int(steps)}))
-    pairs = st.tuples(problems(dtypes=dtypes, dropout=False, max_size=max_size, max_scale=2.0), opts)
-    return pairs.map(lambda po: (po[0], stable_lr(po[0], po[1])))
+    pairs = st.tuples(problems(dtypes=dtypes, dropout=False, max_size=max_size, max_scale=2.0), opts,
+                      st.sampled_from(OBSERVABLE))
+    return pairs.map(lambda t: (t[0], observable(t[0], t[1], lr_fraction=t[2][0], decay=t[2][1])))
 
 
 def _xps():

@@ -63,3 +63,45 @@ def test_bound_is_not_vacuous():
     bound = lora_error_bounds(x, A, B, scale=2.0, W=W, dtype="float32").y
     ratio = np.max(np.abs(y32 - y64) / bound)
     assert 1e-4 < ratio < 1, ratio
+
+
+# ---------------------------------------------------------------- constructed worst cases (issue 10)
+
+
+def test_a_scale_that_is_not_a_float32_value_costs_one_more_rounding():
+    """The issue's float32 case: fl32(s) differs from s, and dA's error exceeds gamma_{N+O+2}'s count by 1.25x."""
+    f32, f64 = np.float32, (lambda a: a.astype(np.float64))
+    x, m, B, dy = (np.array([[v]], f32) for v in (1.0002366304397583, 1.0002516508102417, 1.0002442598342896,
+                                                  1.0002440214157104))
+    A, s = np.ones((1, 1), f32), 1.0001220107077984
+    _, c = lora_forward(x, A, B, scale=s, dropout_mask=m)
+    _, c64 = lora_forward(f64(x), f64(A), f64(B), scale=s, dropout_mask=f64(m))
+    err = abs(float(lora_backward(dy, c).dA[0, 0]) - float(lora_backward(f64(dy), c64).dA[0, 0]))
+    kw = dict(scale=s, dy=f64(dy), dropout_mask=f64(m))
+    bound = lora_error_bounds(f64(x), f64(A), f64(B), dtype="float32", **kw).dA[0, 0] \
+        + lora_error_bounds(f64(x), f64(A), f64(B), dtype="float64", **kw).dA[0, 0]
+    assert err <= bound
+    # the count without the scale's rounding (gamma_{N+O+2}, N = O = 1) is exceeded: the test that fails for it
+    under = gamma(4, 2.0**-24) * s * float((f64(dy) @ f64(B))[0, 0]) * float((f64(x) * f64(m))[0, 0])
+    assert err > 1.2 * under
+
+
+def test_a_bias_at_the_start_of_the_accumulator_is_covered():
+    """float16: the bias 2048 starts the sum and each product 0.9 rounds away (ulp 2 there): error 3.6,
+    over 3x the old count u |bias| + gamma_{I+2} |x||W|^T for a bias added last."""
+    I = 4
+    x = np.full((1, I), 0.9, np.float16)
+    W = np.ones((1, I), np.float16)
+    bias = np.array([2048.0], np.float16)
+    acc = bias[0]
+    for i in range(I):  # a legitimate order: accumulator = bias, then the products one by one, all in float16
+        acc = np.float16(acc + np.float16(x[0, i] * W[0, i]))
+    exact = 2048.0 + float(np.sum(x.astype(np.float64)))
+    err = abs(float(acc) - exact)
+    A, B = np.zeros((1, I)), np.zeros((1, 1))
+    f64 = lambda a: a.astype(np.float64)  # noqa: E731
+    bound = lora_error_bounds(f64(x), A, B, scale=1.0, W=f64(W), bias=f64(bias), dtype="float16").y[0, 0]
+    assert err <= bound
+    u = 2.0**-11
+    old = u * 2048.0 + gamma(I + 2, u) * float((f64(x) @ f64(W).T)[0, 0])
+    assert err > 3 * old

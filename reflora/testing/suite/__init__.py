@@ -14,6 +14,12 @@ module, class or dict that provides some of these callables (protocols in
     merge(W, A, B, *, scale) -> W'
     scaling(rank, alpha, *, use_rslora) -> float
     save(path, A, B) and load(path) -> (A, B)
+    unmerge(W', A, B, *, scale) -> W' - s B A
+    init(config, *, seed) -> (A, B)    (config: reflora.LoraConfig; judged statistically)
+    lora_bias_forward(x, A, B, lora_bias, *, scale, W=None, bias=None) -> y
+    lora_bias_backward(x, A, B, lora_bias, dy, *, scale, W=None, bias=None) -> (dx, dA, dB, dlora_bias)
+    dora_forward(x, A, B, m, W, *, scale, bias=None) -> y   (DoRA, m the magnitude vector (O,))
+    dora_backward(x, A, B, m, W, dy, *, scale, bias=None) -> (dx, dA, dB, dm)   (norm detached, as PEFT)
 
 and optionally these settings:
 
@@ -35,6 +41,12 @@ lists what was found and what was skipped. Tests (ids for ``--xfails-file``):
     test_merge[DTYPE]         check_merge
     test_roundtrip[DTYPE]     check_roundtrip
     test_scaling              check_scale
+    test_unmerge[DTYPE]       check_unmerge
+    test_lora_bias_forward[DTYPE], test_lora_bias_backward[DTYPE]
+                              check_lora_bias_forward / _backward (PEFT's lora_B.bias)
+    test_dora_forward[DTYPE], test_dora_backward[DTYPE]
+                              check_dora_forward / _backward
+    test_init                 check_init (false-alarm probability <= 3e-6 per configuration, reflora.testing.check_stats)
 
 Options: ``--max-examples N`` (hypothesis examples per test; default 100 for
 forward/backward, 10 for roundtrip, 50 for the others), ``--derandomize`` (a fixed, repeatable

@@ -8,7 +8,8 @@ import warnings
 
 import pytest
 
-CALLABLES = ("forward", "backward", "train_step", "merge", "scaling", "save", "load")
+CALLABLES = ("forward", "backward", "train_step", "merge", "scaling", "save", "load", "unmerge", "init",
+             "lora_bias_forward", "lora_bias_backward", "dora_forward", "dora_backward")
 SETTINGS = ("dtypes", "to", "layout", "policy")
 ENV = "REFLORA_CANDIDATE"
 DTYPES = ("float64", "float32", "float16", "bfloat16")

@@ -65,3 +65,43 @@ def test_roundtrip(candidate, options, dtype):
 def test_scaling(candidate):
     (scaling,) = candidate.require("scaling")
     rt.check_scale(scaling)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unmerge(candidate, options, dtype):
+    (unmerge,) = candidate.require("unmerge")
+    candidate.require_dtype(dtype)
+    rt.check_unmerge(unmerge, dtype=dtype, **_kw(candidate, options, 50), **_policy(candidate))
+
+
+def test_init(candidate, options):
+    (init,) = candidate.require("init")
+    rt.check_init(init, max_examples=options["max_examples"] or 20, derandomize=options["derandomize"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_bias_forward(candidate, options, dtype):
+    (fwd,) = candidate.require("lora_bias_forward")
+    candidate.require_dtype(dtype)
+    rt.check_lora_bias_forward(fwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_bias_backward(candidate, options, dtype):
+    (bwd,) = candidate.require("lora_bias_backward")
+    candidate.require_dtype(dtype)
+    rt.check_lora_bias_backward(bwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dora_forward(candidate, options, dtype):
+    (fwd,) = candidate.require("dora_forward")
+    candidate.require_dtype(dtype)
+    rt.check_dora_forward(fwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dora_backward(candidate, options, dtype):
+    (bwd,) = candidate.require("dora_backward")
+    candidate.require_dtype(dtype)
+    rt.check_dora_backward(bwd, dtype=dtype, **_kw(candidate, options, 100), **_policy(candidate))

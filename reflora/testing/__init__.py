@@ -24,7 +24,8 @@ from .optim_checks import AdamOptions, check_adam, check_adam_problem, check_ada
 # issue 10: the new protocols (unmerge, init) and the error envelope
 from .checks import (check_dora_backward, check_dora_backward_problem, check_dora_forward, check_dora_forward_problem, check_init, check_init_config, check_lora_bias_backward, check_lora_bias_backward_problem,
                      check_lora_bias_forward, check_lora_bias_forward_problem, check_unmerge, check_unmerge_problem)
-from .envelope import backward_envelope, forward_envelope, merge_envelope, train_envelope
+from .envelope import backward_envelope, forward_envelope, merge_envelope
+from .envelope_train import train_envelope
 
 __all__ = [
     "CheckResult",

@@ -72,7 +72,7 @@ def converter(to: Any) -> Callable[[np.ndarray], Any]:
     raise ValueError(f"to is {to!r}; expected 'numpy', 'torch', 'jax', 'cupy', 'array_api_strict' or a callable")
 
 
-def _host(a: Any) -> tuple[np.ndarray, str]:
+def to_host(a: Any) -> tuple[np.ndarray, str]:
     """(float64 host copy, dtype name) of any array a candidate returns."""
     mod = type(a).__module__
     if mod.startswith("torch"):
@@ -85,7 +85,7 @@ def _host(a: Any) -> tuple[np.ndarray, str]:
     return h.astype(np.float64), name
 
 
-def _accepts(fn: Callable, name: str) -> bool:
+def accepts_keyword(fn: Callable, name: str) -> bool:
     try:
         return _accepts_cached(fn, name)
     except TypeError:  # unhashable callable
@@ -108,7 +108,7 @@ def _label(fn: Any) -> str:
     return repr(fn)
 
 
-def _import_line(fn: Any, var: str) -> str:
+def import_line(fn: Any, var: str) -> str:
     mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
     if mod and qual and "<" not in qual and "." not in qual and mod != "__main__":
         return f"from {mod} import {qual} as {var}"
@@ -118,19 +118,19 @@ def _import_line(fn: Any, var: str) -> str:
 # ---------------------------------------------------------------- reporting
 
 
-class _Fail(Exception):
+class CheckFailure(Exception):
     """Internal: a failed comparison (turned into AssertionError with the reproduction)."""
 
-def _compare(name: str, cand: Any, ref: np.ndarray, env: Q, policy: TolerancePolicy, dtype: str, *,
+def compare_tensor(name: str, cand: Any, ref: np.ndarray, env: Q, policy: TolerancePolicy, dtype: str, *,
              check_dtype: bool, what: str = "") -> float:
-    """Compare one tensor elementwise with the envelope's bound; return the worst err / bound, or raise _Fail."""
-    h, got_dtype = _host(cand)
+    """Compare one tensor elementwise with the envelope's bound; return the worst err / bound, or raise CheckFailure."""
+    h, got_dtype = to_host(cand)
     label = f"{name} {what}" if what else name
     ref = np.asarray(ref, dtype=np.float64)
     if h.shape != ref.shape:
-        raise _Fail(f"{label} has shape {h.shape}; expected {ref.shape}")
+        raise CheckFailure(f"{label} has shape {h.shape}; expected {ref.shape}")
     if check_dtype and got_dtype != dtype:
-        raise _Fail(f"{label} has dtype {got_dtype}; expected {dtype}, the dtype of the inputs")
+        raise CheckFailure(f"{label} has dtype {got_dtype}; expected {dtype}, the dtype of the inputs")
     if not ref.size:
         return 0.0
     bound = np.broadcast_to(policy.bound(name, dtype, env), ref.shape)
@@ -143,7 +143,7 @@ def _compare(name: str, cand: Any, ref: np.ndarray, env: Q, policy: TolerancePol
         bad_finite = ~np.isfinite(h) & judged
         if bad_finite.any():
             idx = tuple(int(i) for i in np.argwhere(bad_finite)[0])
-            raise _Fail(f"{label}: candidate gives {h[idx]} at {idx} where the reference is {ref[idx]!r}")
+            raise CheckFailure(f"{label}: candidate gives {h[idx]} at {idx} where the reference is {ref[idx]!r}")
         diff = np.where(judged, np.abs(h - ref), 0.0)
         ratio = np.where(judged, diff / np.where(bound > 0, bound, 1.0), 0.0)
         ratio = np.where(judged & (bound == 0) & (diff > 0), np.inf, ratio)
@@ -161,7 +161,7 @@ def _compare(name: str, cand: Any, ref: np.ndarray, env: Q, policy: TolerancePol
     tol = policy.tolerance(name, dtype)
     extra = "" if (tol.k, tol.floor_rel, tol.floor_abs) == (1.0, 0.0, 0.0) else (
         f" (k {tol.k:g}, floor_rel {tol.floor_rel:.3g}, floor_abs {tol.floor_abs:.3g})")
-    raise _Fail(
+    raise CheckFailure(
         f"{label} is wrong: abs error {err:.4g} at index {idx} (candidate {float(h[idx])!r}, reference "
         f"{float(ref[idx])!r}); relative to max|{name}| = {top:.4g}: {rel:.3g}; {count} of {diff.size} elements "
         f"outside the tolerance{skipped}\n"
@@ -169,7 +169,7 @@ def _compare(name: str, cand: Any, ref: np.ndarray, env: Q, policy: TolerancePol
         f"(accumulate {policy.accumulate}; reflora.testing.envelope)")
 
 
-def _fail(check: str, fn_vars: Sequence[tuple[str, Any]], problem: Problem, detail: str, call: str,
+def raise_failure(check: str, fn_vars: Sequence[tuple[str, Any]], problem: Problem, detail: str, call: str,
           extra: Problem | SGDOptions | None = None, to: Any = None,
           exc: BaseException | None = None) -> AssertionError:
     lines = [f"reflora.testing.{check}: {detail}", f"  problem: {problem.shapes()}"]
@@ -177,7 +177,7 @@ def _fail(check: str, fn_vars: Sequence[tuple[str, Any]], problem: Problem, deta
         lines.append(f"  options: {extra!r}")
     lines.append("Reproduce (reruns just this case):")
     lines.append("    import reflora.testing as rt")
-    lines += [f"    {_import_line(fn, var)}" for var, fn in fn_vars]
+    lines += [f"    {import_line(fn, var)}" for var, fn in fn_vars]
     lines.append(f"    problem = rt.{problem!r}")
     if extra is not None:
         lines.append(f"    options = rt.{extra!r}")
@@ -195,21 +195,21 @@ def _fail(check: str, fn_vars: Sequence[tuple[str, Any]], problem: Problem, deta
     return err
 
 
-def _call(what: str, fn: Callable, *args, **kwargs):
+def call_candidate(what: str, fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any candidate exception is a reported failure
-        raise _Fail(f"the candidate {what} raised {type(exc).__name__}: {exc}") from exc
+        raise CheckFailure(f"the candidate {what} raised {type(exc).__name__}: {exc}") from exc
 
 
-def _f64(a):
+def as_f64(a):
     return None if a is None else a.astype(np.float64)
 
 
 _DEFAULT_POLICY = TolerancePolicy()
 
 
-def _policy(policy: TolerancePolicy | None) -> TolerancePolicy:
+def resolve_policy(policy: TolerancePolicy | None) -> TolerancePolicy:
     if policy is None:
         return _DEFAULT_POLICY
     if not isinstance(policy, TolerancePolicy):
@@ -217,14 +217,14 @@ def _policy(policy: TolerancePolicy | None) -> TolerancePolicy:
     return policy
 
 
-def _kw(fn, mask, conv):
+def candidate_kwargs(fn, mask, conv):
     return {"dropout_mask": conv(mask)} if mask is not None else {}
 
 
-def _pair(label: str, y: np.ndarray, y2: np.ndarray, bound: np.ndarray) -> float:
+def tensor_pair(label: str, y: np.ndarray, y2: np.ndarray, bound: np.ndarray) -> float:
     """Two candidate outputs, each within ``bound / 2`` of the exact result: they differ by at most ``bound``."""
     if y2.shape != y.shape:
-        raise _Fail(f"{label} has shape {y2.shape}; expected {y.shape}")
+        raise CheckFailure(f"{label} has shape {y2.shape}; expected {y.shape}")
     if not y.size:
         return 0.0
     bound = np.broadcast_to(bound, y.shape)
@@ -232,11 +232,11 @@ def _pair(label: str, y: np.ndarray, y2: np.ndarray, bound: np.ndarray) -> float
     with np.errstate(invalid="ignore"):
         diff = np.where(judged, np.abs(y - y2), 0.0)
     if np.isnan(diff).any():
-        raise _Fail(f"{label}: NaN where the other output is finite")
+        raise CheckFailure(f"{label}: NaN where the other output is finite")
     over = diff > bound
     if over.any():
         idx = tuple(int(i) for i in np.argwhere(over)[0])
-        raise _Fail(f"{label} differs: abs difference {float(diff[idx]):.4g} at index {idx} ({float(y[idx])!r} vs "
+        raise CheckFailure(f"{label} differs: abs difference {float(diff[idx]):.4g} at index {idx} ({float(y[idx])!r} vs "
                     f"{float(y2[idx])!r}); allowed {float(bound[idx]):.4g} (twice the forward's envelope)")
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(bound > 0, diff / np.where(bound > 0, bound, 1.0), 0.0)
@@ -246,7 +246,7 @@ def _pair(label: str, y: np.ndarray, y2: np.ndarray, bound: np.ndarray) -> float
 # ---------------------------------------------------------------- hypothesis drivers
 
 
-def _run(check: str, dtype: str, strategy, body: Callable, *, max_examples: int, derandomize: bool,
+def run_examples(check: str, dtype: str, strategy, body: Callable, *, max_examples: int, derandomize: bool,
          seed: int | None, shrink: bool = True) -> CheckResult:
     from hypothesis import HealthCheck, Phase, given, settings  # noqa: PLC0415
     from hypothesis import seed as hseed  # noqa: PLC0415
@@ -267,14 +267,14 @@ def _run(check: str, dtype: str, strategy, body: Callable, *, max_examples: int,
     return result
 
 
-def _dtype(dtype: str) -> str:
+def dtype_arg(dtype: str) -> str:
     name = dtype_name(dtype)
     if name not in DTYPES:
         raise TypeError(f"dtype is {dtype!r}; expected one of {DTYPES}")
     return name
 
 
-def _problems(dtype, **kw):
+def draw_problems(dtype, **kw):
     from . import strategies  # noqa: PLC0415 - hypothesis only when a check runs
 
     return strategies.problems(dtypes=[dtype], **kw)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import LoraConfig
-from ._report import CheckResult, _call, _dtype, _fail, _Fail, _host, _import_line, _problems, _run, converter
+from ._report import CheckResult, call_candidate, dtype_arg, raise_failure, CheckFailure, to_host, import_line, draw_problems, run_examples, converter
 from .problems import Problem
 
 __all__ = ["SCALE_GRID", "check_roundtrip", "check_roundtrip_problem", "check_scale"]
@@ -18,7 +18,7 @@ __all__ = ["SCALE_GRID", "check_roundtrip", "check_roundtrip_problem", "check_sc
 def _loaded(out: Any) -> Any:
     """load's result, after checking it is a pair (A, B)."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise _Fail(f"load returned {type(out).__name__}; expected (A, B)")
+        raise CheckFailure(f"load returned {type(out).__name__}; expected (A, B)")
     return out
 
 
@@ -40,46 +40,46 @@ def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *,
         raise ValueError(f"layout is {layout!r}; expected None, 'peft' or 'seed'")
 
     def same(what: str, got: Any, want: np.ndarray, name: str):
-        h, dt = _host(got)
+        h, dt = to_host(got)
         if h.shape != want.shape:
-            raise _Fail(f"{what}: {name} has shape {h.shape}; expected {want.shape}")
+            raise CheckFailure(f"{what}: {name} has shape {h.shape}; expected {want.shape}")
         if dt != want.dtype.name:
-            raise _Fail(f"{what}: {name} has dtype {dt}; expected {want.dtype.name} (a round trip keeps the dtype)")
+            raise CheckFailure(f"{what}: {name} has dtype {dt}; expected {want.dtype.name} (a round trip keeps the dtype)")
         w = want.astype(np.float64)
         if not np.array_equal(h, w, equal_nan=True):
             idx = tuple(int(i) for i in np.argwhere(h != w)[0])
-            raise _Fail(f"{what}: {name} differs at {idx}: {h[idx]!r} instead of {w[idx]!r} (expected bit-exact)")
+            raise CheckFailure(f"{what}: {name} differs at {idx}: {h[idx]!r} instead of {w[idx]!r} (expected bit-exact)")
 
     try:
         with tempfile.TemporaryDirectory(prefix="reflora-roundtrip-") as tmp:
             path = os.path.join(tmp, "adapter.safetensors")
-            _call("save", save, path, conv(a["A"]), conv(a["B"]))
+            call_candidate("save", save, path, conv(a["A"]), conv(a["B"]))
             if not os.path.exists(path):
-                raise _Fail(f"save wrote nothing at {path}")
+                raise CheckFailure(f"save wrote nothing at {path}")
             try:
                 load_tensors(path, xp="numpy")
             except Exception as exc:  # noqa: BLE001
-                raise _Fail(f"the file save wrote is not valid safetensors: {exc}") from exc
-            out = _loaded(_call("load", load, path))
+                raise CheckFailure(f"the file save wrote is not valid safetensors: {exc}") from exc
+            out = _loaded(call_candidate("load", load, path))
             same("load(save(A, B))", out[0], a["A"], "A (R, I)")
             same("load(save(A, B))", out[1], a["B"], "B (O, R)")
             if layout is not None:
                 try:
                     ad = load_adapter(path, layout=layout, alpha=1.0, xp="numpy")
                 except Exception as exc:  # noqa: BLE001
-                    raise _Fail(f"reflora.load_adapter(layout={layout!r}) cannot read the candidate's file: "
+                    raise CheckFailure(f"reflora.load_adapter(layout={layout!r}) cannot read the candidate's file: "
                                 f"{exc}") from exc
                 same(f"reflora.load_adapter(layout={layout!r}) of the candidate's file", ad.A, a["A"], "A (R, I)")
                 same(f"reflora.load_adapter(layout={layout!r}) of the candidate's file", ad.B, a["B"], "B (O, R)")
                 path2 = os.path.join(tmp, "reflora.safetensors")
                 save_adapter(path2, LoraAdapter.from_arrays(a["A"], a["B"], alpha=1.0), layout=layout)
-                out2 = _loaded(_call("load", load, path2))
+                out2 = _loaded(call_candidate("load", load, path2))
                 same(f"load of a file reflora.save_adapter wrote (layout {layout!r})", out2[0], a["A"], "A (R, I)")
                 same(f"load of a file reflora.save_adapter wrote (layout {layout!r})", out2[1], a["B"], "B (O, R)")
         return {}
-    except _Fail as f_:
+    except CheckFailure as f_:
         call = "check_roundtrip_problem(save, load, problem" + (f", layout={layout!r}" if layout else "")
-        raise _fail("check_roundtrip", [("save", save), ("load", load)], problem, str(f_), call, to=to,
+        raise raise_failure("check_roundtrip", [("save", save), ("load", load)], problem, str(f_), call, to=to,
                     exc=f_.__cause__) from None
 
 
@@ -93,9 +93,9 @@ def check_roundtrip(save: Callable, load: Callable, *, dtype: str = "float32", l
 
     See ``check_roundtrip_problem``; other arguments as ``check_forward``.
     """
-    d = _dtype(dtype)
-    strat = _problems(d, W=False, bias=False, dropout=False, max_size=16)
-    return _run("check_roundtrip", d, strat,
+    d = dtype_arg(dtype)
+    strat = draw_problems(d, W=False, bias=False, dropout=False, max_size=16)
+    return run_examples("check_roundtrip", d, strat,
                 lambda p: check_roundtrip_problem(save, load, p, layout=layout, to=to),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
@@ -125,6 +125,6 @@ def check_scale(scaling: Callable, *, rtol: float = 1e-6) -> CheckResult:
             raise AssertionError(
                 f"reflora.testing.check_scale: scaling(rank={r}, alpha={alpha}, use_rslora={rs}) is {got!r}; "
                 f"expected {formula} = {want!r} (relative error {err:.3g} > {rtol:g})\n"
-                f"Reproduce:\n    {_import_line(scaling, 'scaling')}\n    scaling({r}, {alpha}, use_rslora={rs})")
+                f"Reproduce:\n    {import_line(scaling, 'scaling')}\n    scaling({r}, {alpha}, use_rslora={rs})")
         result._note({"scale": err / rtol})
     return result

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..ops.lora import lora_backward, lora_forward
-from ._report import (CheckResult, _accepts, _call, _compare, _dtype, _f64, _fail, _Fail, _host, _kw, _pair, _policy,
-                      _problems, _run, converter)
+from ._report import (CheckResult, accepts_keyword, call_candidate, compare_tensor, dtype_arg, as_f64, raise_failure, CheckFailure, to_host, candidate_kwargs, tensor_pair, resolve_policy,
+                      draw_problems, run_examples, converter)
 from .envelope import Q, backward_envelope, forward_envelope, merge_envelope
 from .policy import TolerancePolicy
 from .problems import Problem
@@ -20,50 +20,50 @@ __all__ = ["check_backward", "check_backward_problem", "check_forward", "check_f
 def check_forward_problem(forward: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
                           to: Any = None, check_dtype: bool = True) -> dict[str, float]:
     """Check ``forward`` on one Problem; return {"y": worst err / bound}. Raises AssertionError on failure."""
-    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    policy, conv, a = resolve_policy(policy), converter(to), problem.arrays()
     d = problem.dtype
     try:
-        if a["dropout_mask"] is not None and not _accepts(forward, "dropout_mask"):
-            raise _Fail("the problem has a dropout mask but forward takes no dropout_mask parameter")
-        f = {k: _f64(v) for k, v in a.items()}
+        if a["dropout_mask"] is not None and not accepts_keyword(forward, "dropout_mask"):
+            raise CheckFailure("the problem has a dropout mask but forward takes no dropout_mask parameter")
+        f = {k: as_f64(v) for k, v in a.items()}
         ref, _ = lora_forward(f["x"], f["A"], f["B"], scale=problem.scale, W=f["W"], bias=f["bias"],
                               dropout_mask=f["dropout_mask"])
         env = forward_envelope(f["x"], f["A"], f["B"], scale=problem.scale, W=f["W"], bias=f["bias"],
                                dropout_mask=f["dropout_mask"], dtype=d, accumulate=policy.accumulate)
-        y = _call("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), scale=problem.scale,
+        y = call_candidate("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), scale=problem.scale,
                   W=None if a["W"] is None else conv(a["W"]), bias=None if a["bias"] is None else conv(a["bias"]),
-                  **_kw(forward, a["dropout_mask"], conv))
-        return {"y": _compare("y", y, ref, env, policy, d, check_dtype=check_dtype)}
-    except _Fail as f_:
-        raise _fail("check_forward", [("forward", forward)], problem, str(f_),
+                  **candidate_kwargs(forward, a["dropout_mask"], conv))
+        return {"y": compare_tensor("y", y, ref, env, policy, d, check_dtype=check_dtype)}
+    except CheckFailure as f_:
+        raise raise_failure("check_forward", [("forward", forward)], problem, str(f_),
                     "check_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
 
 
 def check_backward_problem(backward: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
                            to: Any = None, check_dtype: bool = True) -> dict[str, float]:
     """Check ``backward`` on one Problem; return {"dx", "dA", "dB": worst err / bound}."""
-    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    policy, conv, a = resolve_policy(policy), converter(to), problem.arrays()
     d, s = problem.dtype, problem.scale
     try:
-        if a["dropout_mask"] is not None and not _accepts(backward, "dropout_mask"):
-            raise _Fail("the problem has a dropout mask but backward takes no dropout_mask parameter")
-        f = {k: _f64(v) for k, v in a.items()}
+        if a["dropout_mask"] is not None and not accepts_keyword(backward, "dropout_mask"):
+            raise CheckFailure("the problem has a dropout mask but backward takes no dropout_mask parameter")
+        f = {k: as_f64(v) for k, v in a.items()}
         _, cache = lora_forward(f["x"], f["A"], f["B"], scale=s, W=f["W"], bias=f["bias"],
                                 dropout_mask=f["dropout_mask"])
         ref = lora_backward(f["dy"], cache)
         env = backward_envelope(f["x"], f["A"], f["B"], f["dy"], scale=s, W=f["W"], dropout_mask=f["dropout_mask"],
                                 dtype=d, accumulate=policy.accumulate)
-        out = _call("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(a["dy"]), scale=s,
+        out = call_candidate("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(a["dy"]), scale=s,
                     W=None if a["W"] is None else conv(a["W"]), bias=None if a["bias"] is None else conv(a["bias"]),
-                    **_kw(backward, a["dropout_mask"], conv))
+                    **candidate_kwargs(backward, a["dropout_mask"], conv))
         if not isinstance(out, (tuple, list)) or len(out) != 3:
-            raise _Fail(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB)")
+            raise CheckFailure(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB)")
         ratios = {}
         for name, c, r, e in zip(("dx", "dA", "dB"), out, ref, env):
-            ratios[name] = _compare(name, c, np.asarray(r), e, policy, d, check_dtype=check_dtype)
+            ratios[name] = compare_tensor(name, c, np.asarray(r), e, policy, d, check_dtype=check_dtype)
         return ratios
-    except _Fail as f_:
-        raise _fail("check_backward", [("backward", backward)], problem, str(f_),
+    except CheckFailure as f_:
+        raise raise_failure("check_backward", [("backward", backward)], problem, str(f_),
                     "check_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
 
 
@@ -77,13 +77,13 @@ def check_metamorphic_problem(forward: Callable, problem: Problem, *, merge: Cal
     result); an output against the float64 reference by its own envelope. The forward through the
     candidate's merged weight is judged with that weight held within the merge envelope.
     """
-    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    policy, conv, a = resolve_policy(policy), converter(to), problem.arrays()
     d, s = problem.dtype, problem.scale
-    f = {k: _f64(v) for k, v in a.items()}
-    mask_kw = _kw(forward, a["dropout_mask"], conv)
+    f = {k: as_f64(v) for k, v in a.items()}
+    mask_kw = candidate_kwargs(forward, a["dropout_mask"], conv)
 
     def fwd(x, A, B, W=a["W"], mask_kw=mask_kw, native_W=None):
-        return _call("forward", forward, conv(x), conv(A), conv(B), scale=s,
+        return call_candidate("forward", forward, conv(x), conv(A), conv(B), scale=s,
                      W=native_W if native_W is not None else (None if W is None else conv(W)),
                      bias=None if a["bias"] is None else conv(a["bias"]), **mask_kw)
 
@@ -93,49 +93,49 @@ def check_metamorphic_problem(forward: Callable, problem: Problem, *, merge: Cal
 
     ratios = {}
     try:
-        if a["dropout_mask"] is not None and not _accepts(forward, "dropout_mask"):
-            raise _Fail("the problem has a dropout mask but forward takes no dropout_mask parameter")
+        if a["dropout_mask"] is not None and not accepts_keyword(forward, "dropout_mask"):
+            raise CheckFailure("the problem has a dropout mask but forward takes no dropout_mask parameter")
         bound = 2 * policy.bound("y", d, env_of(f["A"], f["B"]))
-        y, dt = _host(fwd(a["x"], a["A"], a["B"]))
+        y, dt = to_host(fwd(a["x"], a["A"], a["B"]))
         # batched equals looped over rows
         x_NI = a["x"].reshape(-1, problem.I)
         m_NI = None if a["dropout_mask"] is None else a["dropout_mask"].reshape(-1, problem.I)
         rows = []
         for i in range(x_NI.shape[0]):
             kw = {} if m_NI is None else {"dropout_mask": conv(m_NI[i:i + 1])}
-            rows.append(_host(fwd(x_NI[i:i + 1], a["A"], a["B"], mask_kw=kw))[0])
+            rows.append(to_host(fwd(x_NI[i:i + 1], a["A"], a["B"], mask_kw=kw))[0])
         looped = np.concatenate(rows, axis=0).reshape(y.shape) if rows else y
-        ratios["y_looped"] = _pair("batched vs looped over rows: y_looped", y, looped, bound)
+        ratios["y_looped"] = tensor_pair("batched vs looped over rows: y_looped", y, looped, bound)
         # zero rows of A and zero columns of B leave the update unchanged
         P = 2
         A_pad = np.concatenate([a["A"], np.zeros((P, problem.I), a["A"].dtype)], axis=0)
         B_pad = np.concatenate([a["B"], np.zeros((problem.O, P), a["B"].dtype)], axis=1)
-        y_pad, _ = _host(fwd(a["x"], A_pad, B_pad))
-        ratios["y_padded"] = _pair(f"rank R = {problem.R} padded with {P} zero rows of A and zero columns of B: "
+        y_pad, _ = to_host(fwd(a["x"], A_pad, B_pad))
+        ratios["y_padded"] = tensor_pair(f"rank R = {problem.R} padded with {P} zero rows of A and zero columns of B: "
                                    "y_padded", y, y_pad, bound)
         # B = 0 gives the base output x W^T + bias
         B0 = np.zeros_like(a["B"])
-        ref0, _ = lora_forward(f["x"], f["A"], _f64(B0), scale=s, W=f["W"], bias=f["bias"],
+        ref0, _ = lora_forward(f["x"], f["A"], as_f64(B0), scale=s, W=f["W"], bias=f["bias"],
                                dropout_mask=f["dropout_mask"])
         y0 = fwd(a["x"], a["A"], B0)
-        ratios["y_B0"] = _compare("y_B0", y0, ref0, env_of(f["A"], _f64(B0)), policy, d, check_dtype=check_dtype,
+        ratios["y_B0"] = compare_tensor("y_B0", y0, ref0, env_of(f["A"], as_f64(B0)), policy, d, check_dtype=check_dtype,
                                   what="(B = 0 must give the base output x W^T + bias)")
         if merge is not None and a["W"] is not None:
-            Wm = _call("merge", merge, conv(a["W"]), conv(a["A"]), conv(a["B"]), scale=s)
+            Wm = call_candidate("merge", merge, conv(a["W"]), conv(a["A"]), conv(a["B"]), scale=s)
             env_W = merge_envelope(f["W"], f["A"], f["B"], scale=s, dtype=d, accumulate=policy.accumulate)
             ref_nomask, _ = lora_forward(f["x"], f["A"], f["B"], scale=s, W=f["W"], bias=f["bias"])
             # the merged weight is held within its envelope (the exact W + s B A, error env_W.e)
-            env_m = forward_envelope(f["x"], f["A"], _f64(B0), scale=s, W=Q(env_W.v, env_W.e, env_W.m),
+            env_m = forward_envelope(f["x"], f["A"], as_f64(B0), scale=s, W=Q(env_W.v, env_W.e, env_W.m),
                                      bias=f["bias"], dtype=d, accumulate=policy.accumulate)
-            ym = _call("forward", forward, conv(a["x"]), conv(a["A"]), conv(B0), scale=s, W=Wm,
+            ym = call_candidate("forward", forward, conv(a["x"]), conv(a["A"]), conv(B0), scale=s, W=Wm,
                        bias=None if a["bias"] is None else conv(a["bias"]))
-            ratios["y_merged"] = _compare("y_merged", ym, ref_nomask, env_m, policy, d, check_dtype=check_dtype,
+            ratios["y_merged"] = compare_tensor("y_merged", ym, ref_nomask, env_m, policy, d, check_dtype=check_dtype,
                                           what="(forward through merge(W, A, B) with B = 0, against the unmerged y)")
         return ratios
-    except _Fail as f_:
+    except CheckFailure as f_:
         vars_ = [("forward", forward)] + ([("merge", merge)] if merge is not None else [])
         call = "check_metamorphic_problem(forward, problem" + (", merge=merge" if merge is not None else "")
-        raise _fail("check_metamorphic", vars_, problem, str(f_), call, to=to, exc=f_.__cause__) from None
+        raise raise_failure("check_metamorphic", vars_, problem, str(f_), call, to=to, exc=f_.__cause__) from None
 
 
 # ---------------------------------------------------------------- hypothesis drivers
@@ -175,10 +175,10 @@ def check_forward(forward: Callable, *, dtype: str = "float32", max_examples: in
       >>> check_forward(fwd, max_examples=5).examples
       5
     """
-    d = _dtype(dtype)
-    use_dropout = _accepts(forward, "dropout_mask") if dropout is None else dropout
-    strat = _problems(d, dropout=None if use_dropout else False, max_size=max_size, wide=True)
-    return _run("check_forward", d, strat,
+    d = dtype_arg(dtype)
+    use_dropout = accepts_keyword(forward, "dropout_mask") if dropout is None else dropout
+    strat = draw_problems(d, dropout=None if use_dropout else False, max_size=max_size, wide=True)
+    return run_examples("check_forward", d, strat,
                 lambda p: check_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
@@ -193,10 +193,10 @@ def check_backward(backward: Callable, *, dtype: str = "float32", max_examples: 
     over all leading dimensions; each is compared as ``check_forward`` compares y.
     Arguments as ``check_forward``.
     """
-    d = _dtype(dtype)
-    use_dropout = _accepts(backward, "dropout_mask") if dropout is None else dropout
-    strat = _problems(d, dropout=None if use_dropout else False, max_size=max_size, wide=True)
-    return _run("check_backward", d, strat,
+    d = dtype_arg(dtype)
+    use_dropout = accepts_keyword(backward, "dropout_mask") if dropout is None else dropout
+    strat = draw_problems(d, dropout=None if use_dropout else False, max_size=max_size, wide=True)
+    return run_examples("check_backward", d, strat,
                 lambda p: check_backward_problem(backward, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
@@ -207,10 +207,10 @@ def check_metamorphic(forward: Callable, *, merge: Callable | None = None, dtype
                       check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check the metamorphic properties of a forward (and a merge, if given); see
     ``check_metamorphic_problem``. Arguments as ``check_forward``."""
-    d = _dtype(dtype)
-    use_dropout = _accepts(forward, "dropout_mask") if dropout is None else dropout
-    strat = _problems(d, dropout=None if use_dropout else False, W=True, min_rows=2, max_size=16)
-    return _run("check_metamorphic", d, strat,
+    d = dtype_arg(dtype)
+    use_dropout = accepts_keyword(forward, "dropout_mask") if dropout is None else dropout
+    strat = draw_problems(d, dropout=None if use_dropout else False, W=True, min_rows=2, max_size=16)
+    return run_examples("check_metamorphic", d, strat,
                 lambda p: check_metamorphic_problem(forward, p, merge=merge, policy=policy, to=to,
                                                     check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)

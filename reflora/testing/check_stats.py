@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import LoraConfig
-from ._report import CheckResult, _host, _import_line, _run
+from ._report import CheckResult, to_host, import_line, run_examples
 
 __all__ = ["ALPHA", "check_init", "check_init_config"]
 
@@ -51,8 +51,8 @@ def _draws(init: Callable, config: LoraConfig, min_samples: int, max_seeds: int 
             raise AssertionError(f"reflora.testing.check_init: init(config, seed={seed}) raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise AssertionError(f"reflora.testing.check_init: init returned {type(out).__name__}; expected (A, B)")
-        A, dtype = _host(out[0])
-        B, _ = _host(out[1])
+        A, dtype = to_host(out[0])
+        B, _ = to_host(out[1])
         if A.shape != (R, I) or B.shape != (O, R):
             raise AssertionError(f"reflora.testing.check_init: init returned A {A.shape}, B {B.shape}; expected (R, I) = ({R}, {I}) and "
                                  f"(O, R) = ({O}, {R})")
@@ -76,7 +76,7 @@ def check_init_config(init: Callable, config: LoraConfig, *, min_samples: int = 
     def fail(what):
         return AssertionError(f"reflora.testing.check_init: {what}\n  config: {where}\n"
                               f"  false-alarm probability of this test for a correct init: {ALPHA:g}\n"
-                              f"Reproduce:\n    import reflora\n    import reflora.testing as rt\n    {_import_line(init, 'init')}\n"
+                              f"Reproduce:\n    import reflora\n    import reflora.testing as rt\n    {import_line(init, 'init')}\n"
                               f"    rt.check_init_config(init, reflora.{config!r})")
 
     if config.init == "kaiming_uniform":
@@ -125,6 +125,6 @@ def check_init(init: Callable, *, max_examples: int = 20, derandomize: bool = Fa
     strat = st.tuples(strategies.configs(max_size=64), st.sampled_from(("kaiming_uniform", "gaussian"))).map(
         lambda t: LoraConfig(rank=t[0].rank, alpha=t[0].alpha, in_features=t[0].in_features,
                              out_features=t[0].out_features, use_rslora=t[0].use_rslora, init=t[1]))
-    return _run("check_init", "float64", strat, lambda c: check_init_config(init, c, min_samples=min_samples),
+    return run_examples("check_init", "float64", strat, lambda c: check_init_config(init, c, min_samples=min_samples),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 

@@ -8,8 +8,9 @@ import numpy as np
 
 from ..ops.lora import lora_backward, lora_forward, mse_loss
 from ..optim.sgd import SGD
-from ._report import CheckResult, _call, _compare, _dtype, _f64, _fail, _Fail, _host, _policy, _problems, _run, converter
-from .envelope import merge_envelope, train_envelope
+from ._report import CheckResult, call_candidate, compare_tensor, dtype_arg, as_f64, raise_failure, CheckFailure, to_host, resolve_policy, draw_problems, run_examples, converter
+from .envelope import merge_envelope
+from .envelope_train import train_envelope
 from .policy import TolerancePolicy
 from .problems import Problem, SGDOptions
 
@@ -21,9 +22,9 @@ def check_sgd_problem(train_step: Callable, problem: Problem, options: SGDOption
                       policy: TolerancePolicy | None = None, to: Any = None,
                       check_dtype: bool = True) -> dict[str, float]:
     """Run ``options.steps`` training steps of ``train_step`` and compare A, B after every step."""
-    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    policy, conv, a = resolve_policy(policy), converter(to), problem.arrays()
     d, s = problem.dtype, problem.scale
-    f = {k: _f64(v) for k, v in a.items()}
+    f = {k: as_f64(v) for k, v in a.items()}
     kw = options.as_kwargs()
     try:
         env = train_envelope(f["x"], f["target"], f["A"], f["B"], scale=s, W=f["W"], bias=f["bias"],
@@ -40,30 +41,30 @@ def check_sgd_problem(train_step: Callable, problem: Problem, options: SGDOption
             _, dy = mse_loss(y, f["target"])
             g = lora_backward(dy, cache)
             ref, ref_state = opt.step(ref, {"A": g.dA, "B": g.dB}, ref_state)
-            out = _call(f"train_step (step {t + 1})", train_step, conv(a["x"]), conv(a["target"]), params, state,
+            out = call_candidate(f"train_step (step {t + 1})", train_step, conv(a["x"]), conv(a["target"]), params, state,
                         scale=s, **kw)
             if not isinstance(out, (tuple, list)) or len(out) != 2 or not isinstance(out[0], dict):
-                raise _Fail(f"train_step returned {type(out).__name__}; expected (params dict, state)")
+                raise CheckFailure(f"train_step returned {type(out).__name__}; expected (params dict, state)")
             new, state = out
             for key in ("W", "bias"):
                 if a[key] is not None:
                     if key not in new:
-                        raise _Fail(f"train_step's params have no {key!r}; expected it back unchanged (frozen)")
-                    h, _ = _host(new[key])
+                        raise CheckFailure(f"train_step's params have no {key!r}; expected it back unchanged (frozen)")
+                    h, _ = to_host(new[key])
                     if h.shape != a[key].shape or not np.array_equal(h, f[key]):
                         diff = float(np.max(np.abs(h - f[key]))) if h.shape == a[key].shape else float("nan")
-                        raise _Fail(f"{key} changed in training step {t + 1} (max change {diff:.4g}); "
+                        raise CheckFailure(f"{key} changed in training step {t + 1} (max change {diff:.4g}); "
                                     f"expected it frozen: only A and B are trained")
             for i, name in enumerate(("A", "B")):
                 if name not in new:
-                    raise _Fail(f"train_step's params have no {name!r}")
-                r = _compare(name, new[name], ref[name], env[t][i], policy, d, check_dtype=check_dtype,
+                    raise CheckFailure(f"train_step's params have no {name!r}")
+                r = compare_tensor(name, new[name], ref[name], env[t][i], policy, d, check_dtype=check_dtype,
                              what=f"after SGD step {t + 1} of {options.steps}")
                 ratios[name] = max(ratios.get(name, 0.0), r)
             params = new
         return ratios
-    except _Fail as f_:
-        raise _fail("check_sgd", [("train_step", train_step)], problem, str(f_),
+    except CheckFailure as f_:
+        raise raise_failure("check_sgd", [("train_step", train_step)], problem, str(f_),
                     "check_sgd_problem(train_step, problem, options", extra=options, to=to,
                     exc=f_.__cause__) from None
 
@@ -74,19 +75,19 @@ def check_merge_problem(merge: Callable, problem: Problem, *, policy: ToleranceP
     merge envelope (PEFT's CPU and GPU orders, torchtune's W + (s B) A, loralib's, addmm all pass)."""
     from ..numerics.merge import merge as ref_merge  # noqa: PLC0415
 
-    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    policy, conv, a = resolve_policy(policy), converter(to), problem.arrays()
     d, s = problem.dtype, problem.scale
-    f = {k: _f64(v) for k, v in a.items()}
+    f = {k: as_f64(v) for k, v in a.items()}
     W = a["W"] if a["W"] is not None else np.zeros((problem.O, problem.I)).astype(a["A"].dtype)
     W64 = W.astype(np.float64)
     try:
         ref = np.asarray(ref_merge(W64, f["A"], f["B"], scale=s).weight)
         env = merge_envelope(W64, f["A"], f["B"], scale=s, dtype=d, accumulate=policy.accumulate)
-        out = _call("merge", merge, conv(W), conv(a["A"]), conv(a["B"]), scale=s)
-        return {"W": _compare("W", out, ref, env, policy, d, check_dtype=check_dtype,
+        out = call_candidate("merge", merge, conv(W), conv(a["A"]), conv(a["B"]), scale=s)
+        return {"W": compare_tensor("W", out, ref, env, policy, d, check_dtype=check_dtype,
                               what="(merged weight W + s B A)")}
-    except _Fail as f_:
-        raise _fail("check_merge", [("merge", merge)], problem, str(f_), "check_merge_problem(merge, problem",
+    except CheckFailure as f_:
+        raise raise_failure("check_merge", [("merge", merge)], problem, str(f_), "check_merge_problem(merge, problem",
                     to=to, exc=f_.__cause__) from None
 
 
@@ -96,19 +97,19 @@ def check_unmerge_problem(unmerge: Callable, problem: Problem, *, policy: Tolera
     weight W'), elementwise within the merge envelope with the scale negated."""
     from ..numerics.merge import unmerge as ref_unmerge  # noqa: PLC0415
 
-    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    policy, conv, a = resolve_policy(policy), converter(to), problem.arrays()
     d, s = problem.dtype, problem.scale
-    f = {k: _f64(v) for k, v in a.items()}
+    f = {k: as_f64(v) for k, v in a.items()}
     W = a["W"] if a["W"] is not None else np.zeros((problem.O, problem.I)).astype(a["A"].dtype)
     W64 = W.astype(np.float64)
     try:
         ref = np.asarray(ref_unmerge(W64, f["A"], f["B"], scale=s).weight)
         env = merge_envelope(W64, f["A"], f["B"], scale=-s, dtype=d, accumulate=policy.accumulate)
-        out = _call("unmerge", unmerge, conv(W), conv(a["A"]), conv(a["B"]), scale=s)
-        return {"W_unmerged": _compare("W_unmerged", out, ref, env, policy, d, check_dtype=check_dtype,
+        out = call_candidate("unmerge", unmerge, conv(W), conv(a["A"]), conv(a["B"]), scale=s)
+        return {"W_unmerged": compare_tensor("W_unmerged", out, ref, env, policy, d, check_dtype=check_dtype,
                                        what="(unmerged weight W' - s B A)")}
-    except _Fail as f_:
-        raise _fail("check_unmerge", [("unmerge", unmerge)], problem, str(f_),
+    except CheckFailure as f_:
+        raise raise_failure("check_unmerge", [("unmerge", unmerge)], problem, str(f_),
                     "check_unmerge_problem(unmerge, problem", to=to, exc=f_.__cause__) from None
 
 
@@ -129,9 +130,9 @@ def check_sgd(train_step: Callable, *, dtype: str = "float32", steps: int | None
     """
     from . import strategies  # noqa: PLC0415
 
-    d = _dtype(dtype)
+    d = dtype_arg(dtype)
     strat = strategies.training_problems(dtypes=[d], steps=steps)
-    return _run("check_sgd", d, strat,
+    return run_examples("check_sgd", d, strat,
                 lambda p, o: check_sgd_problem(train_step, p, o, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
@@ -140,9 +141,9 @@ def check_merge(merge: Callable, *, dtype: str = "float32", max_examples: int = 
                 seed: int | None = None, policy: TolerancePolicy | None = None, to: Any = None,
                 check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check a candidate merge(W, A, B, *, scale) -> W + s B A (O, I). Arguments as ``check_forward``."""
-    d = _dtype(dtype)
-    strat = _problems(d, W=True, dropout=False)
-    return _run("check_merge", d, strat,
+    d = dtype_arg(dtype)
+    strat = draw_problems(d, W=True, dropout=False)
+    return run_examples("check_merge", d, strat,
                 lambda p: check_merge_problem(merge, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
@@ -151,8 +152,8 @@ def check_unmerge(unmerge: Callable, *, dtype: str = "float32", max_examples: in
                   seed: int | None = None, policy: TolerancePolicy | None = None, to: Any = None,
                   check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check a candidate unmerge(W', A, B, *, scale) -> W' - s B A (O, I). Arguments as ``check_forward``."""
-    d = _dtype(dtype)
-    strat = _problems(d, W=True, dropout=False)
-    return _run("check_unmerge", d, strat,
+    d = dtype_arg(dtype)
+    strat = draw_problems(d, W=True, dropout=False)
+    return run_examples("check_unmerge", d, strat,
                 lambda p: check_unmerge_problem(unmerge, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)

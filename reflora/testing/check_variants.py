@@ -25,7 +25,7 @@ import numpy as np
 
 from ..backend import host_rng
 from ..ops.lora_bias import lora_bias_backward, lora_bias_forward
-from ._report import CheckResult, _call, _compare, _dtype, _f64, _fail, _Fail, _policy, _problems, _run, converter
+from ._report import CheckResult, call_candidate, compare_tensor, dtype_arg, as_f64, raise_failure, CheckFailure, resolve_policy, draw_problems, run_examples, converter
 from .emulation import to_dtype
 from .envelope import backward_envelope, forward_envelope, lora_bias_grad_envelope
 from .policy import TolerancePolicy
@@ -44,9 +44,9 @@ def lora_bias_of(problem: Problem) -> np.ndarray:
 
 
 def _args(problem: Problem, policy, to):
-    policy, conv, a = _policy(policy), converter(to), problem.arrays()
+    policy, conv, a = resolve_policy(policy), converter(to), problem.arrays()
     c = lora_bias_of(problem)
-    f = {k: _f64(v) for k, v in a.items()}
+    f = {k: as_f64(v) for k, v in a.items()}
     return policy, conv, a, f, c, c.astype(np.float64)
 
 
@@ -59,11 +59,11 @@ def check_lora_bias_forward_problem(forward: Callable, problem: Problem, *, poli
         ref, _ = lora_bias_forward(f["x"], f["A"], f["B"], c64, scale=s, W=f["W"], bias=f["bias"])
         env = forward_envelope(f["x"], f["A"], f["B"], scale=s, W=f["W"], bias=f["bias"], lora_bias=c64, dtype=d,
                                accumulate=policy.accumulate)
-        y = _call("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(c), scale=s,
+        y = call_candidate("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(c), scale=s,
                   W=None if a["W"] is None else conv(a["W"]), bias=None if a["bias"] is None else conv(a["bias"]))
-        return {"y": _compare("y", y, ref, env, policy, d, check_dtype=check_dtype, what="(with lora_bias)")}
-    except _Fail as f_:
-        raise _fail("check_lora_bias_forward", [("forward", forward)], problem, str(f_),
+        return {"y": compare_tensor("y", y, ref, env, policy, d, check_dtype=check_dtype, what="(with lora_bias)")}
+    except CheckFailure as f_:
+        raise raise_failure("check_lora_bias_forward", [("forward", forward)], problem, str(f_),
                     "check_lora_bias_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
 
 
@@ -78,17 +78,17 @@ def check_lora_bias_backward_problem(backward: Callable, problem: Problem, *, po
         envs = backward_envelope(f["x"], f["A"], f["B"], f["dy"], scale=s, W=f["W"], dtype=d,
                                  accumulate=policy.accumulate)
         envs = (*envs, lora_bias_grad_envelope(f["dy"], scale=s, dtype=d, accumulate=policy.accumulate))
-        out = _call("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(c), conv(a["dy"]),
+        out = call_candidate("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(c), conv(a["dy"]),
                     scale=s, W=None if a["W"] is None else conv(a["W"]),
                     bias=None if a["bias"] is None else conv(a["bias"]))
         if not isinstance(out, (tuple, list)) or len(out) != 4:
-            raise _Fail(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB, dlora_bias)")
+            raise CheckFailure(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB, dlora_bias)")
         ratios = {}
         for name, got, r, e in zip(("dx", "dA", "dB", "dlora_bias"), out, ref, envs):
-            ratios[name] = _compare(name, got, np.asarray(r), e, policy, d, check_dtype=check_dtype)
+            ratios[name] = compare_tensor(name, got, np.asarray(r), e, policy, d, check_dtype=check_dtype)
         return ratios
-    except _Fail as f_:
-        raise _fail("check_lora_bias_backward", [("backward", backward)], problem, str(f_),
+    except CheckFailure as f_:
+        raise raise_failure("check_lora_bias_backward", [("backward", backward)], problem, str(f_),
                     "check_lora_bias_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
 
 
@@ -96,8 +96,8 @@ def check_lora_bias_forward(forward: Callable, *, dtype: str = "float32", max_ex
                             derandomize: bool = False, seed: int | None = None, policy: TolerancePolicy | None = None,
                             to: Any = None, check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check a lora_bias forward on ``max_examples`` problems (see the module docstring)."""
-    d = _dtype(dtype)
-    return _run("check_lora_bias_forward", d, _problems(d, dropout=False, wide=True),
+    d = dtype_arg(dtype)
+    return run_examples("check_lora_bias_forward", d, draw_problems(d, dropout=False, wide=True),
                 lambda p: check_lora_bias_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
@@ -106,8 +106,8 @@ def check_lora_bias_backward(backward: Callable, *, dtype: str = "float32", max_
                              derandomize: bool = False, seed: int | None = None, policy: TolerancePolicy | None = None,
                              to: Any = None, check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check a lora_bias backward on ``max_examples`` problems (see the module docstring)."""
-    d = _dtype(dtype)
-    return _run("check_lora_bias_backward", d, _problems(d, dropout=False),
+    d = dtype_arg(dtype)
+    return run_examples("check_lora_bias_backward", d, draw_problems(d, dropout=False),
                 lambda p: check_lora_bias_backward_problem(backward, p, policy=policy, to=to,
                                                            check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
@@ -118,7 +118,7 @@ def check_lora_bias_backward(backward: Callable, *, dtype: str = "float32", max_
 
 def magnitude_of(problem: Problem) -> np.ndarray:
     """m (O,) of ``problem``'s dtype: the row norms of W + s B A times 1 + U(-1/4, 1/4), from its seed."""
-    a = {k: _f64(v) for k, v in problem.arrays().items()}
+    a = {k: as_f64(v) for k, v in problem.arrays().items()}
     n = np.linalg.norm(a["W"] + problem.scale * a["B"] @ a["A"], axis=1)
     return to_dtype(n * (1 + 0.25 * host_rng(problem.seed + 104729).uniform(-1, 1, problem.O)), problem.dtype)
 
@@ -129,8 +129,8 @@ def check_dora_forward_problem(forward: Callable, problem: Problem, *, policy: T
     from ..ops.dora import dora_forward  # noqa: PLC0415
     from .envelope_dora import dora_forward_envelope  # noqa: PLC0415
 
-    policy, conv, a = _policy(policy), converter(to), problem.arrays()
-    f = {k: _f64(v) for k, v in a.items()}
+    policy, conv, a = resolve_policy(policy), converter(to), problem.arrays()
+    f = {k: as_f64(v) for k, v in a.items()}
     d, s = problem.dtype, problem.scale
     m = magnitude_of(problem)
     try:
@@ -140,11 +140,11 @@ def check_dora_forward_problem(forward: Callable, problem: Problem, *, policy: T
         ref, _ = dora_forward(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], scale=s, bias=f["bias"])
         env = dora_forward_envelope(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], scale=s, bias=f["bias"],
                                     dtype=d, accumulate=policy.accumulate)
-        y = _call("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(m), conv(a["W"]), scale=s,
+        y = call_candidate("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(m), conv(a["W"]), scale=s,
                   bias=None if a["bias"] is None else conv(a["bias"]))
-        return {"y": _compare("y", y, np.asarray(ref), env, policy, d, check_dtype=check_dtype, what="(DoRA)")}
-    except _Fail as f_:
-        raise _fail("check_dora_forward", [("forward", forward)], problem, str(f_),
+        return {"y": compare_tensor("y", y, np.asarray(ref), env, policy, d, check_dtype=check_dtype, what="(DoRA)")}
+    except CheckFailure as f_:
+        raise raise_failure("check_dora_forward", [("forward", forward)], problem, str(f_),
                     "check_dora_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
 
 
@@ -152,8 +152,8 @@ def check_dora_forward(forward: Callable, *, dtype: str = "float32", max_example
                        derandomize: bool = False, seed: int | None = None, policy: TolerancePolicy | None = None,
                        to: Any = None, check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check a DoRA forward on ``max_examples`` problems with W (see the module docstring)."""
-    d = _dtype(dtype)
-    return _run("check_dora_forward", d, _problems(d, W=True, dropout=False),
+    d = dtype_arg(dtype)
+    return run_examples("check_dora_forward", d, draw_problems(d, W=True, dropout=False),
                 lambda p: check_dora_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
@@ -164,8 +164,8 @@ def check_dora_backward_problem(backward: Callable, problem: Problem, *, policy:
     from ..ops.dora import dora_backward, dora_forward  # noqa: PLC0415
     from .envelope_dora import dora_backward_envelope  # noqa: PLC0415
 
-    policy, conv, a = _policy(policy), converter(to), problem.arrays()
-    f = {k: _f64(v) for k, v in a.items()}
+    policy, conv, a = resolve_policy(policy), converter(to), problem.arrays()
+    f = {k: as_f64(v) for k, v in a.items()}
     d, s = problem.dtype, problem.scale
     m = magnitude_of(problem)
     try:
@@ -175,16 +175,16 @@ def check_dora_backward_problem(backward: Callable, problem: Problem, *, policy:
         ref = dora_backward(f["dy"], cache)
         envs = dora_backward_envelope(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], f["dy"], scale=s,
                                       bias=f["bias"], dtype=d, accumulate=policy.accumulate)
-        out = _call("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(m), conv(a["W"]),
+        out = call_candidate("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(m), conv(a["W"]),
                     conv(a["dy"]), scale=s, bias=None if a["bias"] is None else conv(a["bias"]))
         if not isinstance(out, (tuple, list)) or len(out) != 4:
-            raise _Fail(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB, dm)")
+            raise CheckFailure(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB, dm)")
         ratios = {}
         for name, got, r, e in zip(("dx", "dA", "dB", "dm"), out, ref, envs):
-            ratios[name] = _compare(name, got, np.asarray(r), e, policy, d, check_dtype=check_dtype, what="(DoRA)")
+            ratios[name] = compare_tensor(name, got, np.asarray(r), e, policy, d, check_dtype=check_dtype, what="(DoRA)")
         return ratios
-    except _Fail as f_:
-        raise _fail("check_dora_backward", [("backward", backward)], problem, str(f_),
+    except CheckFailure as f_:
+        raise raise_failure("check_dora_backward", [("backward", backward)], problem, str(f_),
                     "check_dora_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
 
 
@@ -192,7 +192,7 @@ def check_dora_backward(backward: Callable, *, dtype: str = "float32", max_examp
                         derandomize: bool = False, seed: int | None = None, policy: TolerancePolicy | None = None,
                         to: Any = None, check_dtype: bool = True, shrink: bool = True) -> CheckResult:
     """Check a DoRA backward (norm detached) on ``max_examples`` problems with W (see the module docstring)."""
-    d = _dtype(dtype)
-    return _run("check_dora_backward", d, _problems(d, W=True, dropout=False),
+    d = dtype_arg(dtype)
+    return run_examples("check_dora_backward", d, draw_problems(d, W=True, dropout=False),
                 lambda p: check_dora_backward_problem(backward, p, policy=policy, to=to, check_dtype=check_dtype),
                 max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)

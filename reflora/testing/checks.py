@@ -45,7 +45,7 @@ module gathers them.
 
 from __future__ import annotations
 
-from ._report import CheckResult, _compare, _Fail, converter  # noqa: F401 (_compare, _Fail: for tests)
+from ._report import CheckResult, compare_tensor, CheckFailure, converter  # noqa: F401 (compare_tensor, CheckFailure: for tests)
 from .check_io import SCALE_GRID, check_roundtrip, check_roundtrip_problem, check_scale  # noqa: F401
 from .check_lora import (check_backward, check_backward_problem, check_forward, check_forward_problem,
                          check_metamorphic, check_metamorphic_problem)

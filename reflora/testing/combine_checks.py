@@ -123,10 +123,10 @@ def _to_host(a: Any, what: str) -> np.ndarray:
     try:
         return np.asarray(to_numpy(a)).astype(np.float64)
     except Exception as exc:  # noqa: BLE001
-        raise _Fail(f"{what} is {type(a).__name__}; expected an array") from exc
+        raise CheckFailure(f"{what} is {type(a).__name__}; expected an array") from exc
 
 
-class _Fail(Exception):
+class CheckFailure(Exception):
     pass
 
 
@@ -187,31 +187,31 @@ def _to_candidate(ads: list[dict], conv: Callable, dtype: str) -> list[dict]:
 
 def _result_update(res: Any, W: np.ndarray | None, what: str, bias: bool = False) -> np.ndarray:
     if not isinstance(res, dict) or not {"A", "B", "alpha", "use_rslora"} <= set(res):
-        raise _Fail(f"{what} returned {type(res).__name__}; expected a dict with A, B, alpha, use_rslora")
+        raise CheckFailure(f"{what} returned {type(res).__name__}; expected a dict with A, B, alpha, use_rslora")
     A, B = _to_host(res["A"], f"{what}['A']"), _to_host(res["B"], f"{what}['B']")
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-        raise _Fail(f"{what} returned A {A.shape} and B {B.shape}; expected (R', I) and (O, R')")
+        raise CheckFailure(f"{what} returned A {A.shape} and B {B.shape}; expected (R', I) and (O, R')")
     ad = {"A": A, "B": B, "alpha": float(res["alpha"]), "use_rslora": bool(res["use_rslora"])}
     if res.get("magnitude") is not None:
         if W is None:
-            raise _Fail(f"{what} returned a DoRA magnitude for plain LoRA inputs")
+            raise CheckFailure(f"{what} returned a DoRA magnitude for plain LoRA inputs")
         ad["magnitude"], ad["W"] = _to_host(res["magnitude"], f"{what}['magnitude']"), W
     elif W is not None:
-        raise _Fail(f"{what} returned no DoRA magnitude for DoRA inputs: the result's update is then s' B' A' and "
+        raise CheckFailure(f"{what} returned no DoRA magnitude for DoRA inputs: the result's update is then s' B' A' and "
                     "drops the magnitudes' part of the inputs' updates")
     if res.get("lora_bias") is not None:
         if not bias:
-            raise _Fail(f"{what} returned a lora_bias for inputs without one")
+            raise CheckFailure(f"{what} returned a lora_bias for inputs without one")
         ad["lora_bias"] = _to_host(res["lora_bias"], f"{what}['lora_bias']")
     elif bias:
-        raise _Fail(f"{what} returned no lora_bias for inputs with one: the bias part of the update, "
+        raise CheckFailure(f"{what} returned no lora_bias for inputs with one: the bias part of the update, "
                     "Σ w_i s_i c_i, is dropped (PEFT #3761)")
     return _update(ad)
 
 
-def _compare(label: str, got: np.ndarray, want: np.ndarray, tol: float) -> float:
+def compare_tensor(label: str, got: np.ndarray, want: np.ndarray, tol: float) -> float:
     if got.shape != want.shape:
-        raise _Fail(f"{label}: the result's update has shape {got.shape}; expected {want.shape}")
+        raise CheckFailure(f"{label}: the result's update has shape {got.shape}; expected {want.shape}")
     err = float(np.linalg.norm(got - want))
     if not err <= tol:  # NaN fails too
         ratio = float(np.linalg.norm(got)) / max(float(np.linalg.norm(want)), 1e-300)
@@ -220,7 +220,7 @@ def _compare(label: str, got: np.ndarray, want: np.ndarray, tol: float) -> float
                        (math.sqrt(8), "sqrt(8)")):
             if abs(ratio - f) < 1e-2 * f:
                 hint = f" (||got|| / ||want|| = {ratio:.4g} ~ {why}: an rsLoRA scale sqrt(R') left on the result?)"
-        raise _Fail(f"{label}: ||ΔW_got - ΔW_want||_F = {err:.3e} > tol {tol:.3e} "
+        raise CheckFailure(f"{label}: ||ΔW_got - ΔW_want||_F = {err:.3e} > tol {tol:.3e} "
                     f"(||ΔW_want||_F = {float(np.linalg.norm(want)):.3e}){hint}")
     return err / tol if tol > 0 else 0.0
 
@@ -244,14 +244,14 @@ def check_combine_problem(combine: Callable, problem: CombineProblem, *, to: Any
         try:
             res = combine(_to_candidate(sub, conv, problem.dtype), list(weights))
         except Exception as exc:  # noqa: BLE001 - a candidate that raises fails
-            raise _Fail(f"{label}: the candidate raised {type(exc).__name__}: {exc}") from exc
+            raise CheckFailure(f"{label}: the candidate raised {type(exc).__name__}: {exc}") from exc
         return _result_update(res, W, f"combine (the {label} check)", bias=problem.lora_bias)
 
     def expect(label, sub, weights):
         want = sum(w * _update(a) for a, w in zip(sub, weights))
         got = call(label, sub, weights)
         tol = _tolerance(sub, weights, want, problem.dtype)
-        out[label] = max(out.get(label, 0.0), _compare(label, got, want, tol))
+        out[label] = max(out.get(label, 0.0), compare_tensor(label, got, want, tol))
         return got, want, tol
 
     try:
@@ -268,16 +268,16 @@ def check_combine_problem(combine: Callable, problem: CombineProblem, *, to: Any
             as_plain = {**a, "use_rslora": False, "alpha": s * R}
             g_rs, want, tol = expect("rsLoRA", [as_rs], [c])
             g_plain = call("rsLoRA", [as_plain], [c])
-            out["rsLoRA"] = max(out["rsLoRA"], _compare("rsLoRA (plain vs rsLoRA form)", g_rs, g_plain, 2 * tol))
+            out["rsLoRA"] = max(out["rsLoRA"], compare_tensor("rsLoRA (plain vs rsLoRA form)", g_rs, g_plain, 2 * tol))
         if exact and len(ads) > 1:
             got, want, tol = expect("sum", ads, ws)
             k = 0.5 if problem.dora else -2.5  # DoRA: keep d = 1 + Σ k w_i (c_i - 1) away from 0
             got_k = call("linearity", ads, [k * w for w in ws])
             tol_k = _tolerance(ads, [k * w for w in ws], k * want, problem.dtype)
-            out["linearity"] = _compare("linearity: combine(as, c w) vs c combine(as, w)", got_k, k * got,
+            out["linearity"] = compare_tensor("linearity: combine(as, c w) vs c combine(as, w)", got_k, k * got,
                                         tol_k + abs(k) * tol)
             expect("cat", ads[:2], [1.0, 1.0])
-    except _Fail as exc:
+    except CheckFailure as exc:
         raise AssertionError(
             f"reflora.testing.check_combine: {exc}\n  problem: {problem!r}\nReproduce (reruns just this case):\n"
             f"    import reflora.testing as rt\n"
@@ -287,7 +287,7 @@ def check_combine_problem(combine: Callable, problem: CombineProblem, *, to: Any
     return out
 
 
-def _problems(dtype: str, dora: bool, max_rank: int, rslora: bool, lora_bias: bool):
+def draw_problems(dtype: str, dora: bool, max_rank: int, rslora: bool, lora_bias: bool):
     from hypothesis import strategies as st  # noqa: PLC0415 - hypothesis only when a check runs
 
     @st.composite
@@ -364,7 +364,7 @@ def check_combine(combine: Callable, *, dtype: str = "float32", to: Any = None, 
     @settings(max_examples=max_examples, derandomize=derandomize, deadline=None, database=None, print_blob=False,
               suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
               phases=[Phase.explicit, Phase.generate, Phase.shrink])
-    @given(_problems(dtype, dora, max_rank, rslora, lora_bias))
+    @given(draw_problems(dtype, dora, max_rank, rslora, lora_bias))
     def run(problem):
         result._note(check_combine_problem(combine, problem, to=to, exact=exact, rslora=rslora))
 

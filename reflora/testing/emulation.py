@@ -91,13 +91,13 @@ def _mm(a: np.ndarray, b: np.ndarray, d: str, acc: str) -> np.ndarray:
     return out
 
 
-def _check_acc(accumulate: str) -> str:
+def check_accumulate(accumulate: str) -> str:
     if accumulate not in ACCUMULATE:
         raise ValueError(f"accumulate is {accumulate!r}; expected one of {ACCUMULATE}")
     return accumulate
 
 
-def _f64(a):
+def as_f64(a):
     return None if a is None else np.asarray(a).astype(np.float64)
 
 
@@ -136,8 +136,8 @@ def emulate_forward(x, A, B, *, scale, W=None, bias=None, dropout_mask=None, dty
       >>> y.tolist()
       [[1.0, 1.0]]
     """
-    d, acc = dtype_name(dtype), _check_acc(accumulate)
-    x, A, B, W, bias, m = map(_f64, (x, A, B, W, bias, dropout_mask))
+    d, acc = dtype_name(dtype), check_accumulate(accumulate)
+    x, A, B, W, bias, m = map(as_f64, (x, A, B, W, bias, dropout_mask))
     lead, I = x.shape[:-1], x.shape[-1]
     x_NI = x.reshape(-1, I)
     xm = x_NI if m is None else _rn(x_NI * m.reshape(-1, I), d)
@@ -163,8 +163,8 @@ def emulate_backward(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None
     Returns:
       (dx (..., I), dA (R, I), dB (O, R)) as float64 values of ``dtype``.
     """
-    d, acc = dtype_name(dtype), _check_acc(accumulate)
-    x, A, B, dy, W, m = map(_f64, (x, A, B, dy, W, dropout_mask))
+    d, acc = dtype_name(dtype), check_accumulate(accumulate)
+    x, A, B, dy, W, m = map(as_f64, (x, A, B, dy, W, dropout_mask))
     I, O = x.shape[-1], B.shape[0]
     x_NI, dy_NO = x.reshape(-1, I), dy.reshape(-1, O)
     m_NI = None if m is None else m.reshape(-1, I)
@@ -185,8 +185,8 @@ def emulate_backward(x, A, B, dy, *, scale, W=None, bias=None, dropout_mask=None
 @_quiet
 def emulate_merge(W, A, B, *, scale, dtype, accumulate="float32"):
     """W' = RN(W + RN(RN(B A) * s)) in ``dtype`` (PEFT's merge order); float64 values."""
-    d, acc = dtype_name(dtype), _check_acc(accumulate)
-    W, A, B = map(_f64, (W, A, B))
+    d, acc = dtype_name(dtype), check_accumulate(accumulate)
+    W, A, B = map(as_f64, (W, A, B))
     return _rn(W + _rn(_mm(B, A, d, acc) * float(scale), d), d)
 
 
@@ -218,7 +218,7 @@ def emulate_train(x, target, A, B, *, scale, W=None, bias=None, steps, sgd, dtyp
       A list of (A, B) after each step (float64 values of ``dtype``).
     """
     d = dtype_name(dtype)
-    x, t, A, B, W, bias = map(_f64, (x, target, A, B, W, bias))
+    x, t, A, B, W, bias = map(as_f64, (x, target, A, B, W, bias))
     bufs = [None, None]
     out = []
     for step in range(steps):

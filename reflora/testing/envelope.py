@@ -51,7 +51,7 @@ from ..backend import dtype_name
 from .emulation import DTYPES, np_dtype
 
 __all__ = ["Q", "Units", "backward_envelope", "forward_envelope", "lora_bias_grad_envelope", "merge_envelope",
-           "train_envelope", "units"]
+           "units"]  # train_envelope: reflora.testing.envelope_train
 
 _P = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
 _TINY = {"float64": 2.0**-1022, "float32": 2.0**-126, "float16": 2.0**-14, "bfloat16": 2.0**-126}
@@ -118,7 +118,7 @@ def _rep(v: np.ndarray, fmt: str) -> np.ndarray:
         return ok & (r.astype(np.float64) == v)
 
 
-def _overflow(e: np.ndarray, v: np.ndarray, fmt: str) -> np.ndarray:
+def overflow_to_inf(e: np.ndarray, v: np.ndarray, fmt: str) -> np.ndarray:
     """Where a held value may exceed fmt's range the class includes inf: no bound (inf)."""
     return np.where(np.abs(v) + e >= _MAX[fmt], np.inf, e)
 
@@ -129,10 +129,10 @@ def round_d(q: Q, U: Units) -> Q:
         return q
     ex = (q.e == 0) & _rep(q.v, U.d)
     e = np.where(ex, 0.0, q.e + U.u_d * (np.abs(q.v) + q.e) + U.eta_d)
-    return Q(q.v, _overflow(e, q.v, U.d), q.m)
+    return Q(q.v, overflow_to_inf(e, q.v, U.d), q.m)
 
 
-def _work(v, e_in, m, U: Units, exact64: Any = True) -> Q:
+def round_work(v, e_in, m, U: Units, exact64: Any = True) -> Q:
     """One rounding in the working precision a, skipped where it is certified exact.
 
     ``exact64``: where float64 computed v exactly (inputs held exactly have at most p_a <= 24 bits when a
@@ -143,7 +143,7 @@ def _work(v, e_in, m, U: Units, exact64: Any = True) -> Q:
     else:
         ex = (e_in == 0) & _rep(v, U.a) & exact64
     e = np.where(ex, e_in, e_in + U.u_a * (np.abs(v) + e_in) + U.eta_a)
-    return Q(v, _overflow(e, v, U.a), m)
+    return Q(v, overflow_to_inf(e, v, U.a), m)
 
 
 def scalar_error(s: float, U: Units) -> float:
@@ -166,13 +166,13 @@ def mul_s(q: Q, s: float, U: Units, e_s: float | None = None) -> Q:
     e_s = scalar_error(s, U) if e_s is None else e_s
     v = s * q.v
     e_in = abs(s) * q.e + e_s * (np.abs(q.v) + q.e)
-    return _work(v, e_in, (abs(s) + e_s) * q.m, U)
+    return round_work(v, e_in, (abs(s) + e_s) * q.m, U)
 
 
 def mul_e(q: Q, w: np.ndarray, U: Units) -> Q:
     """q * w elementwise, w exact (a dropout mask), one rounding in a."""
     aw = np.abs(w)
-    return _work(q.v * w, q.e * aw, q.m * aw, U)
+    return round_work(q.v * w, q.e * aw, q.m * aw, U)
 
 
 def add(a: Q, b: Q, U: Units, sign: float = 1.0) -> Q:
@@ -181,7 +181,7 @@ def add(a: Q, b: Q, U: Units, sign: float = 1.0) -> Q:
     v = a.v + bv
     z = v - a.v
     err = (a.v - (v - z)) + (bv - z)  # TwoSum: float64's own rounding error of the sum
-    return _work(v, a.e + b.e, a.m + b.m, U, exact64=(err == 0))
+    return round_work(v, a.e + b.e, a.m + b.m, U, exact64=(err == 0))
 
 
 def _grid(v: np.ndarray) -> float:
@@ -225,7 +225,7 @@ def dot(a: Q, b: Q, U: Units, plus: Sequence[Q] = ()) -> Q:
         ex = np.zeros(M.shape, dtype=bool)
     theta = math.expm1(K * math.log1p(U.u_a))  # (1 + u)^K - 1: every term passes <= K roundings
     e = np.where(ex, e_in, e_in + theta * Mt + 2 * K * U.eta_a)
-    return Q(v, _overflow(e, v, U.a), m)
+    return Q(v, overflow_to_inf(e, v, U.a), m)
 
 
 def qmax(qs: Sequence[Q]) -> Q:
@@ -248,13 +248,13 @@ def sum_any(parts: Sequence[Q], U: Units) -> Q:
     return qmax(paths)
 
 
-def _q(a: Any) -> Q | None:
+def quantity(a: Any) -> Q | None:
     if a is None or isinstance(a, Q):
         return a
     return exact(a)
 
 
-def _rows(q: Q, I: int) -> Q:
+def as_rows(q: Q, I: int) -> Q:
     return Q(q.v.reshape(-1, I), q.e.reshape(-1, I), q.m.reshape(-1, I))
 
 
@@ -281,9 +281,9 @@ def forward_envelope(x, A, B, *, scale, W=None, bias=None, dropout_mask=None, lo
     steps, or a merged W). ``lora_bias`` is c (O,), PEFT's lora_B.bias (None: no c).
     """
     U = units(dtype, accumulate)
-    xq, A, B, W, b, c = map(_q, (x, A, B, W, bias, lora_bias))
+    xq, A, B, W, b, c = map(quantity, (x, A, B, W, bias, lora_bias))
     lead, I, O = xq.v.shape[:-1], xq.v.shape[-1], B.v.shape[0]
-    x2 = _rows(xq, I)
+    x2 = as_rows(xq, I)
     xm = x2 if dropout_mask is None else round_d(mul_e(x2, np.asarray(dropout_mask, np.float64).reshape(-1, I), U), U)
     e_s = scalar_error(scale, U)
     paths = []
@@ -315,9 +315,9 @@ def forward_envelope(x, A, B, *, scale, W=None, bias=None, dropout_mask=None, lo
 def backward_envelope(x, A, B, dy, *, scale, W=None, dropout_mask=None, dtype, accumulate="float32"):
     """Envelopes of (dx, dA, dB), the gradients of sum(y * dy), over the class (autograd of any forward path)."""
     U = units(dtype, accumulate)
-    xq, A, B, W, dyq = map(_q, (x, A, B, W, dy))
+    xq, A, B, W, dyq = map(quantity, (x, A, B, W, dy))
     I, O = xq.v.shape[-1], B.v.shape[0]
-    x2, dy2 = _rows(xq, I), _rows(dyq, O)
+    x2, dy2 = as_rows(xq, I), as_rows(dyq, O)
     mask = None if dropout_mask is None else np.asarray(dropout_mask, np.float64).reshape(-1, I)
     xm = x2 if mask is None else round_d(mul_e(x2, mask, U), U)
     e_s = scalar_error(scale, U)
@@ -347,9 +347,9 @@ def backward_envelope(x, A, B, dy, *, scale, W=None, dropout_mask=None, dtype, a
 def lora_bias_grad_envelope(dy, *, scale, dtype, accumulate="float32") -> Q:
     """The envelope of dc = s sum_N dy (the gradient of PEFT's lora_B.bias c), the scale before or after."""
     U = units(dtype, accumulate)
-    dyq = _q(dy)
+    dyq = quantity(dy)
     O = dyq.v.shape[-1]
-    dy2 = _rows(dyq, O)
+    dy2 = as_rows(dyq, O)
     ones = exact(np.ones((1, dy2.v.shape[0])))
     e_s = scalar_error(scale, U)
     after = round_d(mul_s(round_d(dot(ones, dy2, U), U), scale, U, e_s), U)
@@ -362,7 +362,7 @@ def merge_envelope(W, A, B, *, scale, dtype, accumulate="float32") -> Q:
     """W' = W + s B A over the class: PEFT (delta in a or d, cast, added), torchtune (W + (s B) A),
     loralib (W + (B A) s), s on A, and addmm(W, B, A, alpha=s). Unmerge is scale -> -scale."""
     U = units(dtype, accumulate)
-    W, A, B = map(_q, (W, A, B))
+    W, A, B = map(quantity, (W, A, B))
     e_s = scalar_error(scale, U)
     variants = []
     for P in ("B", "A", "out"):
@@ -375,38 +375,3 @@ def merge_envelope(W, A, B, *, scale, dtype, accumulate="float32") -> Q:
             variants.append(round_d(dot(Bq, Aq, U, plus=[W]), U))
         variants.append(sum_any([W, D], U))
     return qmax(variants)
-
-
-def _sgd_env(p: Q, g: Q, buf: Q | None, first: bool, opt: dict, U: Units):
-    """torch.optim.SGD on one tensor over the class (each a + alpha b fused or in two roundings)."""
-    d_p = Q(-g.v, g.e, g.m) if opt["maximize"] else g
-    if opt["weight_decay"]:
-        d_p = round_d(add(d_p, round_d(mul_s(p, opt["weight_decay"], U), U), U), U)
-    if opt["momentum"]:
-        if first:
-            buf = d_p
-        else:
-            buf = round_d(add(round_d(mul_s(buf, opt["momentum"], U), U),
-                              round_d(mul_s(d_p, 1.0 - opt["dampening"], U), U), U), U)
-        d_p = round_d(add(d_p, round_d(mul_s(buf, opt["momentum"], U), U), U), U) if opt["nesterov"] else buf
-    return round_d(add(p, round_d(mul_s(d_p, -opt["lr"], U), U), U), U), buf
-
-
-def train_envelope(x, target, A, B, *, scale, W=None, bias=None, steps, sgd, dtype, accumulate="float32"):
-    """[(A, B)] envelopes after each of ``steps`` steps: forward, MSE loss, backward, SGD (torch semantics)."""
-    U = units(dtype, accumulate)
-    A, B = _q(A), _q(B)
-    t = _q(target)
-    bufs: list = [None, None]
-    out = []
-    for step in range(steps):
-        y = forward_envelope(x, A, B, scale=scale, W=W, bias=bias, dtype=dtype, accumulate=accumulate)
-        n = y.v.size
-        diff = round_d(add(y, t, U, sign=-1.0), U)
-        # d mean((y - t)^2) / dy = (2 / n)(y - t), as 2 (y - t) times fl(1/n) or (y - t) times 2/n: one rounding
-        dy = round_d(mul_s(diff, 2.0 / n, U, e_s=2 * scalar_error(1.0 / n, U)), U)
-        _, dA, dB = backward_envelope(x, A, B, dy, scale=scale, W=W, dtype=dtype, accumulate=accumulate)
-        A, bufs[0] = _sgd_env(A, dA, bufs[0], step == 0, sgd, U)
-        B, bufs[1] = _sgd_env(B, dB, bufs[1], step == 0, sgd, U)
-        out.append((A, B))
-    return out

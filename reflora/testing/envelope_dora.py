@@ -22,14 +22,14 @@ import math
 
 import numpy as np
 
-from .envelope import (Q, Units, _overflow, _q, _rows, _work, add, dot, exact, merge_envelope, mul_s, qmax,
+from .envelope import (Q, Units, overflow_to_inf, quantity, as_rows, round_work, add, dot, exact, merge_envelope, mul_s, qmax,
                        round_d, scalar_error, sum_any, units)
 
 __all__ = ["dora_backward_envelope", "dora_forward_envelope"]
 
 
 def _mul_q(p: Q, q: Q, U: Units) -> Q:
-    return _work(p.v * q.v, np.abs(p.v) * q.e + p.e * (np.abs(q.v) + q.e), p.m * q.m, U)
+    return round_work(p.v * q.v, np.abs(p.v) * q.e + p.e * (np.abs(q.v) + q.e), p.m * q.m, U)
 
 
 def _norm_rows(V: Q, U: Units) -> Q:
@@ -44,7 +44,7 @@ def _norm_rows(V: Q, U: Units) -> Q:
     r = np.sqrt(v)
     with np.errstate(invalid="ignore", divide="ignore"):
         e = np.where(v > 0, e2 / (r + np.sqrt(np.maximum(v - e2, 0.0))), np.sqrt(e2))
-    return round_d(_work(r, e, np.sqrt(np.sum(V.m * V.m, axis=1)), U, exact64=False), U)
+    return round_d(round_work(r, e, np.sqrt(np.sum(V.m * V.m, axis=1)), U, exact64=False), U)
 
 
 def _divide(m: Q, n: Q, U: Units) -> Q:
@@ -54,15 +54,15 @@ def _divide(m: Q, n: Q, U: Units) -> Q:
         v = m.v / n.v
         e = np.where(n.e < an, np.abs(m.v) * n.e / (an * (an - n.e)), np.inf)
         mag = np.where(an > n.e, m.m / np.maximum(an - n.e, 1e-300), np.inf)
-    return round_d(_work(v, e, mag, U, exact64=False), U)
+    return round_d(round_work(v, e, mag, U, exact64=False), U)
 
 
 def dora_forward_envelope(x, A, B, m, W, *, scale, bias=None, dtype, accumulate="float32") -> Q:
     """The envelope of the DoRA forward (no dropout) over PEFT's order and the factored order."""
     U = units(dtype, accumulate)
-    xq, A, B, W, b, mq = map(_q, (x, A, B, W, bias, m))
+    xq, A, B, W, b, mq = map(quantity, (x, A, B, W, bias, m))
     lead, I, O = xq.v.shape[:-1], xq.v.shape[-1], B.v.shape[0]
-    x2 = _rows(xq, I)
+    x2 = as_rows(xq, I)
     e_s = scalar_error(scale, U)
     # the norm of V = W + s B A, with V in any of the merge orders (PEFT: W + s * (B @ A) in x's dtype)
     n = _norm_rows(merge_envelope(W.v, A.v, B.v, scale=scale, dtype=dtype, accumulate=accumulate), U)
@@ -87,11 +87,11 @@ def dora_forward_envelope(x, A, B, m, W, *, scale, bias=None, dtype, accumulate=
     # factored: g * (x W^T + s (x A^T) B^T) + bias, the inner sum with the scale anywhere
     from .envelope import forward_envelope  # noqa: PLC0415
 
-    inner = _rows(forward_envelope(x2, A, B, scale=scale, W=W, dtype=dtype, accumulate=accumulate), O)
+    inner = as_rows(forward_envelope(x2, A, B, scale=scale, W=W, dtype=dtype, accumulate=accumulate), O)
     fac = round_d(_mul_q(g2, inner, U), U)
     paths.append(fac if b is None else sum_any([fac, b], U))
     y = qmax(paths)
-    e = _overflow(y.e, y.v, U.d)
+    e = overflow_to_inf(y.e, y.v, U.d)
     return Q(y.v.reshape(lead + (O,)), e.reshape(lead + (O,)), y.m.reshape(lead + (O,)))
 
 
@@ -102,7 +102,7 @@ def _divide_q(a: Q, n: Q, U: Units) -> Q:
         v = a.v / n.v
         e = np.where(n.e < an, (np.abs(a.v) * n.e + an * a.e) / (an * (an - n.e)), np.inf)
         mag = np.where(an > n.e, a.m / np.maximum(an - n.e, 1e-300), np.inf)
-    return round_d(_work(v, e, mag, U, exact64=False), U)
+    return round_d(round_work(v, e, mag, U, exact64=False), U)
 
 
 def _colsum_of_products(p: Q, q: Q, U: Units) -> Q:
@@ -121,9 +121,9 @@ def dora_backward_envelope(x, A, B, m, W, dy, *, scale, bias=None, dtype, accumu
     from .envelope import backward_envelope, forward_envelope  # noqa: PLC0415
 
     U = units(dtype, accumulate)
-    xq, A, B, W, mq, dyq, b = map(_q, (x, A, B, W, m, dy, bias))
+    xq, A, B, W, mq, dyq, b = map(quantity, (x, A, B, W, m, dy, bias))
     I, O = xq.v.shape[-1], B.v.shape[0]
-    x2, dy2 = _rows(xq, I), _rows(dyq, O)
+    x2, dy2 = as_rows(xq, I), as_rows(dyq, O)
     e_s = scalar_error(scale, U)
     n = _norm_rows(merge_envelope(W.v, A.v, B.v, scale=scale, dtype=dtype, accumulate=accumulate), U)
     g = _divide(mq, n, U)
@@ -151,7 +151,7 @@ def dora_backward_envelope(x, A, B, m, W, dy, *, scale, bias=None, dtype, accumu
     zs = [z] if b is None else [z, round_d(add(sum_any([z, b], U), b, U, sign=-1.0), U)]  # PEFT: base(x) - bias
     dg = qmax([round_d(add(_colsum_of_products(dy2, zz, U), _colsum_of_products(t, l_, U), U), U)
                for zz in zs for t, l_ in ((sdy, lo), (dy2, ls))]
-              + [_colsum_of_products(dy2, _rows(forward_envelope(x2, A, B, scale=scale, W=W, dtype=dtype,
+              + [_colsum_of_products(dy2, as_rows(forward_envelope(x2, A, B, scale=scale, W=W, dtype=dtype,
                                                                  accumulate=accumulate), O), U)])
     dm = _divide_q(dg, n, U)
     dx = Q(dx.v.reshape(xq.v.shape), dx.e.reshape(xq.v.shape), dx.m.reshape(xq.v.shape))

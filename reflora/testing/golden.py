@@ -73,9 +73,10 @@ from .._validate import check_real
 from ..io._files import read_json
 from ..ops.lora import lora_backward, lora_forward
 from ..io.safetensors import load_tensors, save_tensors
-from ._report import _f64
+from ._report import as_f64
 from .problems import Problem, SGDOptions
-from .envelope import backward_envelope, forward_envelope, train_envelope
+from .envelope import backward_envelope, forward_envelope
+from .envelope_train import train_envelope
 from .policy import TolerancePolicy
 
 __all__ = ["FORMAT", "VERSION", "check_golden", "golden_cases", "write_golden"]
@@ -164,7 +165,7 @@ def _write_golden_into(directory: str, *, seed: int = 0, policy: TolerancePolicy
         p, layout, d = case["problem"], case["layout"], case["dtype"]
         nA, nB = _NAMES[layout]
         a = p.arrays()
-        f = {k: _f64(v) for k, v in a.items()}
+        f = {k: as_f64(v) for k, v in a.items()}
         s = p.scale
         tensors = {"x": a["x"], nA: _t(a["A"], layout), nB: _t(a["B"], layout), "dy": a["dy"], "target": a["target"]}
         for k in ("W", "bias", "dropout_mask"):

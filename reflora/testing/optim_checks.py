@@ -175,7 +175,7 @@ def _emulate(prob: dict, opts: AdamOptions, decoupled: bool, d: str) -> list[dic
     return out
 
 
-def _host(a: Any) -> tuple[np.ndarray, str]:
+def to_host(a: Any) -> tuple[np.ndarray, str]:
     """(float64 NumPy copy, dtype name) of a NumPy, torch, JAX, CuPy or array-API array."""
     if hasattr(a, "detach"):  # torch
         name = str(a.dtype).rsplit(".", 1)[-1]
@@ -188,7 +188,7 @@ def _host(a: Any) -> tuple[np.ndarray, str]:
     return h.astype(np.float64), h.dtype.name
 
 
-class _Fail(Exception):
+class CheckFailure(Exception):
     pass
 
 
@@ -210,29 +210,29 @@ def _problem(check: str, step: Callable, seed: int, options: AdamOptions, *, dty
         try:
             out = step(params, {k: c(v) for k, v in g.items()}, state, **options.as_kwargs())
         except Exception as exc:  # noqa: BLE001
-            raise _Fail(f"step {t + 1} raised {type(exc).__name__}: {exc}") from exc
+            raise CheckFailure(f"step {t + 1} raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(out, (tuple, list)) or len(out) != 2 or not isinstance(out[0], dict):
-            raise _Fail(f"step returned {type(out).__name__}; expected (params dict, state)")
+            raise CheckFailure(f"step returned {type(out).__name__}; expected (params dict, state)")
         params, state = out
         for k in ("A", "B"):
             if k not in params:
-                raise _Fail(f"the returned params have no {k!r}")
-            h, name = _host(params[k])
+                raise CheckFailure(f"the returned params have no {k!r}")
+            h, name = to_host(params[k])
             r, e = ref[t][k], emul[t][k]
             if h.shape != r.shape:
-                raise _Fail(f"{k} after step {t + 1} has shape {h.shape}; expected {r.shape}")
+                raise CheckFailure(f"{k} after step {t + 1} has shape {h.shape}; expected {r.shape}")
             if check_dtype and name != dtype:
-                raise _Fail(f"{k} after step {t + 1} has dtype {name}; expected {dtype}, the dtype of the inputs")
+                raise CheckFailure(f"{k} after step {t + 1} has dtype {name}; expected {dtype}, the dtype of the inputs")
             err_emul[k] = max(err_emul[k], float(np.max(np.abs(e - r))))
             bound = K * err_emul[k] + K * _UNIT[dtype] * float(np.max(np.abs(r)))
             if not np.isfinite(h).all():
                 idx = tuple(int(i) for i in np.argwhere(~np.isfinite(h))[0])
-                raise _Fail(f"{k} after step {t + 1}: candidate gives {float(h[idx])} at {idx} where the reference is "
+                raise CheckFailure(f"{k} after step {t + 1}: candidate gives {float(h[idx])} at {idx} where the reference is "
                             f"{float(r[idx])!r}")
             diff = np.abs(h - r)
             idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
             if diff[idx] > bound:
-                raise _Fail(f"{k} after step {t + 1} of {options.steps} is wrong: max abs error {diff[idx]:.4g} at "
+                raise CheckFailure(f"{k} after step {t + 1} of {options.steps} is wrong: max abs error {diff[idx]:.4g} at "
                             f"{idx} (candidate {float(h[idx])!r}, reference {float(r[idx])!r}); "
                             f"{int(np.sum(diff > bound))} of {diff.size} elements outside the tolerance {bound:.4g} "
                             f"= {K:g} x emulated {dtype} error {err_emul[k]:.4g} + {K:g} u max|{k}|")
@@ -255,7 +255,7 @@ def _check_problem(check: str, step: Callable, seed: int, options: AdamOptions, 
     try:
         return _problem(check, step, seed, options, dtype=dtype, to=to, check_dtype=check_dtype,
                         decoupled=decoupled)
-    except _Fail as f:
+    except CheckFailure as f:
         raise AssertionError(
             f"reflora.testing.{check}: {_label(step)} fails in {dtype} with {options}, problem seed {seed}:\n"
             f"  {f}\nReproduce:\n    from reflora.testing.optim_checks import {check}_problem, AdamOptions\n"

@@ -37,7 +37,7 @@ import numpy as np
 
 from .._validate import check_real
 from ..backend import dtype_name
-from .emulation import DTYPES, _check_acc
+from .emulation import DTYPES, check_accumulate
 
 __all__ = ["DEFAULTS", "F64_SLACK", "TENSORS", "TENSOR_DEFAULTS", "Tolerance", "TolerancePolicy"]
 
@@ -96,7 +96,7 @@ class TolerancePolicy:
 
     def __post_init__(self):
         object.__setattr__(self, "_cache", {})
-        _check_acc(self.accumulate)
+        check_accumulate(self.accumulate)
         check_real(self.k, "k", minimum=1)  # the one number rule: NaN, inf, 400-digit integers refused
         for key, fields in self.overrides.items():
             parts = key.split("/") if isinstance(key, str) else []

@@ -79,14 +79,14 @@ def _in(a: np.ndarray | None, p: ServingProblem, conv):
     return conv(a.astype(host_dtype(p.dtype)))
 
 
-def _host(a: Any) -> np.ndarray:
+def to_host(a: Any) -> np.ndarray:
     if type(a).__module__.startswith("torch"):
         t = a.detach().cpu()
         return (t.float() if "bfloat16" in str(t.dtype) else t).numpy().astype(np.float64)
     return np.asarray(to_numpy(a)).astype(np.float64)
 
 
-def _accepts(fn: Callable, name: str) -> bool:
+def accepts_keyword(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -113,11 +113,11 @@ def _report(check: str, name: str, fn: Any, p: ServingProblem, detail: str, extr
         f"    {call}")
 
 
-def _compare(check: str, name: str, fn, p: ServingProblem, cand: Any, ref: np.ndarray, tol: np.ndarray,
+def compare_tensor(check: str, name: str, fn, p: ServingProblem, cand: Any, ref: np.ndarray, tol: np.ndarray,
              extra_args: str = "") -> float:
     """Worst |cand - ref| / tol (0/0 counted as 0); AssertionError when any element is outside."""
     try:
-        c = _host(cand)
+        c = to_host(cand)
     except Exception as exc:
         raise _report(check, name, fn, p, f"could not be read back ({type(exc).__name__}: {exc})", extra_args) from None
     r = np.asarray(ref, dtype=np.float64)
@@ -140,7 +140,7 @@ def _compare(check: str, name: str, fn, p: ServingProblem, cand: Any, ref: np.nd
     return float(np.max(ratio)) if ratio.size else 0.0
 
 
-def _call(check: str, fn, p: ServingProblem, *args, **kwargs):
+def call_candidate(check: str, fn, p: ServingProblem, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:
@@ -150,19 +150,19 @@ def _call(check: str, fn, p: ServingProblem, *args, **kwargs):
 def check_shrink_problem(shrink: Callable, p: ServingProblem, *, to: Any = None) -> dict:
     """Check ``shrink(x, A, indices, *, scale)`` on one problem (scale = p.scales[0])."""
     conv, a = _converter(to), p.arrays()
-    h = _call("check_shrink", shrink, p, _in(a["x"], p, conv), _in(a["A"], p, conv), _in(a["indices"], p, conv),
+    h = call_candidate("check_shrink", shrink, p, _in(a["x"], p, conv), _in(a["A"], p, conv), _in(a["indices"], p, conv),
               scale=float(p.scales[0]))
     ref, tol = serving_reference("shrink", p)["h"]
-    return {"h": _compare("check_shrink", "h", shrink, p, h, ref, tol)}
+    return {"h": compare_tensor("check_shrink", "h", shrink, p, h, ref, tol)}
 
 
 def check_expand_problem(expand: Callable, p: ServingProblem, *, to: Any = None) -> dict:
     """Check ``expand(h, B, indices, *, base, offset)`` on one problem."""
     conv, a = _converter(to), p.arrays()
-    y = _call("check_expand", expand, p, _in(a["h"], p, conv), _in(a["B"], p, conv), _in(a["indices"], p, conv),
+    y = call_candidate("check_expand", expand, p, _in(a["h"], p, conv), _in(a["B"], p, conv), _in(a["indices"], p, conv),
               base=_in(a["base"], p, conv), offset=p.offset)
     ref, tol = serving_reference("expand", p)["y"]
-    return {"y": _compare("check_expand", "y", expand, p, y, ref, tol)}
+    return {"y": compare_tensor("check_expand", "y", expand, p, y, ref, tol)}
 
 
 def _linear_args(p: ServingProblem, conv):
@@ -174,20 +174,20 @@ def _linear_args(p: ServingProblem, conv):
 def check_multi_forward_problem(forward: Callable, p: ServingProblem, *, to: Any = None) -> dict:
     """Check ``multi_forward(x, A, B, indices, *, scales, W=None, bias=None)`` on one problem."""
     a, args, kw = _linear_args(p, _converter(to))
-    y = _call("check_multi_forward", forward, p, *args, **kw)
+    y = call_candidate("check_multi_forward", forward, p, *args, **kw)
     ref, tol = serving_reference("multi_forward", p)["y"]
-    return {"y": _compare("check_multi_forward", "y", forward, p, y, ref, tol)}
+    return {"y": compare_tensor("check_multi_forward", "y", forward, p, y, ref, tol)}
 
 
 def check_multi_backward_problem(backward: Callable, p: ServingProblem, *, to: Any = None) -> dict:
     """Check ``multi_backward(x, A, B, indices, dy, *, scales, W=None, bias=None) -> (dx, dA, dB)``."""
     conv = _converter(to)
     a, args, kw = _linear_args(p, conv)
-    out = _call("check_multi_backward", backward, p, *args, _in(a["dy"], p, conv), **kw)
+    out = call_candidate("check_multi_backward", backward, p, *args, _in(a["dy"], p, conv), **kw)
     refs = serving_reference("multi_backward", p)
     if not isinstance(out, (tuple, list)) or len(out) != 3:
         raise _report("check_multi_backward", "result", backward, p, f"is {type(out).__name__}; expected (dx, dA, dB)")
-    return {k: _compare("check_multi_backward", k, backward, p, v, *refs[k]) for k, v in zip(("dx", "dA", "dB"), out)}
+    return {k: compare_tensor("check_multi_backward", k, backward, p, v, *refs[k]) for k, v in zip(("dx", "dA", "dB"), out)}
 
 
 def check_sliced_forward_problem(forward: Callable, p: ServingProblem, *, to: Any = None) -> dict:
@@ -198,9 +198,9 @@ def check_sliced_forward_problem(forward: Callable, p: ServingProblem, *, to: An
     a, args, kw = _linear_args(p, conv)
     As = [_in(v, p, conv) for v in a["A_slices"]]
     Bs = [_in(v, p, conv) for v in a["B_slices"]]
-    y = _call("check_sliced_forward", forward, p, args[0], As, Bs, args[3], **kw)
+    y = call_candidate("check_sliced_forward", forward, p, args[0], As, Bs, args[3], **kw)
     ref, tol = serving_reference("sliced_forward", p)["y"]
-    return {"y": _compare("check_sliced_forward", "y", forward, p, y, ref, tol)}
+    return {"y": compare_tensor("check_sliced_forward", "y", forward, p, y, ref, tol)}
 
 
 def _emb_args(p: ServingProblem, conv, fn):
@@ -209,7 +209,7 @@ def _emb_args(p: ServingProblem, conv, fn):
             _in(a["indices"], p, conv))
     kw = {"scales": tuple(float(v) for v in p.scales)}
     if p.X:
-        if not _accepts(fn, "extra"):
+        if not accepts_keyword(fn, "extra"):
             raise _report("check_embedding", "call", fn, p, "has no `extra` parameter, but the problem has added tokens")
         kw["extra"] = _in(a["extra"], p, conv)
     return a, args, kw
@@ -218,34 +218,34 @@ def _emb_args(p: ServingProblem, conv, fn):
 def check_embedding_problem(embedding: Callable, p: ServingProblem, *, to: Any = None) -> dict:
     """Check ``embedding(ids, E, A, B, indices, *, scales[, extra])`` on one problem (E (V, D) with V = p.I)."""
     _, args, kw = _emb_args(p, _converter(to), embedding)
-    y = _call("check_embedding", embedding, p, *args, **kw)
+    y = call_candidate("check_embedding", embedding, p, *args, **kw)
     ref, tol = serving_reference("embedding", p)["y"]
-    return {"y": _compare("check_embedding", "y", embedding, p, y, ref, tol)}
+    return {"y": compare_tensor("check_embedding", "y", embedding, p, y, ref, tol)}
 
 
 def check_embedding_backward_problem(backward: Callable, p: ServingProblem, *, to: Any = None) -> dict:
     """Check ``embedding_backward(ids, E, A, B, indices, dy, *, scales[, extra]) -> (dA, dB)``."""
     conv = _converter(to)
     a, args, kw = _emb_args(p, conv, backward)
-    out = _call("check_embedding_backward", backward, p, *args, _in(a["dy"], p, conv), **kw)
+    out = call_candidate("check_embedding_backward", backward, p, *args, _in(a["dy"], p, conv), **kw)
     refs = serving_reference("embedding_backward", p)
-    return {k: _compare("check_embedding_backward", k, backward, p, v, *refs[k]) for k, v in zip(("dA", "dB"), out)}
+    return {k: compare_tensor("check_embedding_backward", k, backward, p, v, *refs[k]) for k, v in zip(("dA", "dB"), out)}
 
 
 def check_tp_problem(tp_forward: Callable, p: ServingProblem, *, tp: int, mode: str, to: Any = None) -> dict:
     """Check ``tp_forward(x, A, B, indices, *, scales, tp, mode, W=None, bias=None) -> [y_t]`` rank by rank."""
     a, args, kw = _linear_args(p, _converter(to))
-    outs = _call("check_tp", tp_forward, p, *args, tp=tp, mode=mode, **kw)
+    outs = call_candidate("check_tp", tp_forward, p, *args, tp=tp, mode=mode, **kw)
     refs = serving_reference("tp", p, tp=tp, mode=mode)
     if len(outs) != tp:
         raise _report("check_tp", "outputs", tp_forward, p, f"has {len(outs)} ranks; expected tp = {tp}")
     extra = f", tp={tp}, mode={mode!r}"
-    return {k: _compare("check_tp", k, tp_forward, p, outs[t], *refs[k], extra) for t, k in enumerate(refs)}
+    return {k: compare_tensor("check_tp", k, tp_forward, p, outs[t], *refs[k], extra) for t, k in enumerate(refs)}
 
 
 # ----------------------------------------------------------------- property-based drivers
 
-def _run(check: str, dtype: str, strategy, body, *, max_examples: int, derandomize: bool) -> ServingResult:
+def run_examples(check: str, dtype: str, strategy, body, *, max_examples: int, derandomize: bool) -> ServingResult:
     from hypothesis import HealthCheck, given, settings  # noqa: PLC0415 - the test extra
 
     worst: dict = {}
@@ -263,7 +263,7 @@ def _run(check: str, dtype: str, strategy, body, *, max_examples: int, derandomi
     return ServingResult(check, dtype, count[0], worst)
 
 
-def _problems(dtype: str, **kw):
+def draw_problems(dtype: str, **kw):
     from .serving_strategies import serving_problems  # noqa: PLC0415
 
     return serving_problems(dtypes=(dtype,), **kw)
@@ -272,21 +272,21 @@ def _problems(dtype: str, **kw):
 def check_shrink(shrink: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                  derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a shrink kernel over ``serving_problems(**strategy)``."""
-    return _run("check_shrink", dtype, _problems(dtype, **strategy), lambda p: check_shrink_problem(shrink, p, to=to),
+    return run_examples("check_shrink", dtype, draw_problems(dtype, **strategy), lambda p: check_shrink_problem(shrink, p, to=to),
                 max_examples=max_examples, derandomize=derandomize)
 
 
 def check_expand(expand: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                  derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of an expand kernel (with slice offset and add_inputs) over ``serving_problems``."""
-    return _run("check_expand", dtype, _problems(dtype, **strategy), lambda p: check_expand_problem(expand, p, to=to),
+    return run_examples("check_expand", dtype, draw_problems(dtype, **strategy), lambda p: check_expand_problem(expand, p, to=to),
                 max_examples=max_examples, derandomize=derandomize)
 
 
 def check_multi_forward(forward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                         derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a batched multi-adapter forward over ``serving_problems``."""
-    return _run("check_multi_forward", dtype, _problems(dtype, **strategy),
+    return run_examples("check_multi_forward", dtype, draw_problems(dtype, **strategy),
                 lambda p: check_multi_forward_problem(forward, p, to=to), max_examples=max_examples,
                 derandomize=derandomize)
 
@@ -294,7 +294,7 @@ def check_multi_forward(forward: Callable, *, dtype: str = "float32", to: Any = 
 def check_multi_backward(backward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                          derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a batched multi-adapter backward (dx, per-adapter dA, dB)."""
-    return _run("check_multi_backward", dtype, _problems(dtype, **strategy),
+    return run_examples("check_multi_backward", dtype, draw_problems(dtype, **strategy),
                 lambda p: check_multi_backward_problem(backward, p, to=to), max_examples=max_examples,
                 derandomize=derandomize)
 
@@ -302,7 +302,7 @@ def check_multi_backward(backward: Callable, *, dtype: str = "float32", to: Any 
 def check_sliced_forward(forward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                          derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a fused multi-slice forward (qkv, gate_up) over ``serving_problems(slices=True)``."""
-    return _run("check_sliced_forward", dtype, _problems(dtype, slices=True, **strategy),
+    return run_examples("check_sliced_forward", dtype, draw_problems(dtype, slices=True, **strategy),
                 lambda p: check_sliced_forward_problem(forward, p, to=to), max_examples=max_examples,
                 derandomize=derandomize)
 
@@ -310,7 +310,7 @@ def check_sliced_forward(forward: Callable, *, dtype: str = "float32", to: Any =
 def check_embedding(embedding: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                     derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a multi-adapter embedding LoRA (``extra_vocab=True`` adds added tokens)."""
-    return _run("check_embedding", dtype, _problems(dtype, **strategy),
+    return run_examples("check_embedding", dtype, draw_problems(dtype, **strategy),
                 lambda p: check_embedding_problem(embedding, p, to=to), max_examples=max_examples,
                 derandomize=derandomize)
 
@@ -318,7 +318,7 @@ def check_embedding(embedding: Callable, *, dtype: str = "float32", to: Any = No
 def check_embedding_backward(backward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                              derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of an embedding LoRA backward (dA by scatter-add, dB)."""
-    return _run("check_embedding_backward", dtype, _problems(dtype, **strategy),
+    return run_examples("check_embedding_backward", dtype, draw_problems(dtype, **strategy),
                 lambda p: check_embedding_backward_problem(backward, p, to=to), max_examples=max_examples,
                 derandomize=derandomize)
 
@@ -328,6 +328,6 @@ def check_tp(tp_forward: Callable, *, tp: int, mode: str, dtype: str = "float32"
     """Property check of a tensor-parallel candidate, rank by rank, for one (tp, mode)."""
     strategy.setdefault("max_rows", 12)
     strategy.setdefault("layouts", ("unsorted", "sorted"))
-    return _run("check_tp", dtype, _problems(dtype, tp=tp, **strategy),
+    return run_examples("check_tp", dtype, draw_problems(dtype, tp=tp, **strategy),
                 lambda p: check_tp_problem(tp_forward, p, tp=tp, mode=mode, to=to), max_examples=max_examples,
                 derandomize=derandomize)

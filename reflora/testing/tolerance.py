@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from .emulation import (ACCUMULATE, DTYPES, emulate_backward, emulate_forward, emulate_merge, emulate_train,
                         magnitude_backward, magnitude_forward, np_dtype, to_dtype)
-from .envelope import backward_envelope, forward_envelope, merge_envelope, train_envelope
+from .envelope import backward_envelope, forward_envelope, merge_envelope
+from .envelope_train import train_envelope
 from .policy import DEFAULTS, F64_SLACK, TENSOR_DEFAULTS, TENSORS, Tolerance, TolerancePolicy
 
 __all__ = [

@@ -395,7 +395,7 @@ def _env(v, e):
 
 
 def test_no_bound_where_a_legitimate_evaluation_may_overflow():
-    from reflora.testing.checks import _Fail, _compare
+    from reflora.testing.checks import CheckFailure as _Fail, compare_tensor as _compare
 
     pol = rt.TolerancePolicy()
     ref = np.array([1e5, 1.0])
@@ -409,7 +409,7 @@ def test_no_bound_where_a_legitimate_evaluation_may_overflow():
 
 
 def test_an_overflowed_element_does_not_hide_a_wrong_finite_one():
-    from reflora.testing.checks import _Fail, _compare
+    from reflora.testing.checks import CheckFailure as _Fail, compare_tensor as _compare
 
     pol = rt.TolerancePolicy()
     ref = np.array([1e5, 1.0, 2.0])
@@ -421,7 +421,7 @@ def test_an_overflowed_element_does_not_hide_a_wrong_finite_one():
 
 
 def test_a_zero_envelope_admits_only_the_exact_result():
-    from reflora.testing.checks import _Fail, _compare
+    from reflora.testing.checks import CheckFailure as _Fail, compare_tensor as _compare
 
     pol = rt.TolerancePolicy()
     ref = np.array([3.0, 0.5])

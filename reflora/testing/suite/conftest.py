@@ -8,6 +8,9 @@ import warnings
 
 import pytest
 
+#: The serving kernels the suite checks (tests in test_serving_candidate.py), looked up the same way.
+SERVING = ("shrink", "expand", "multi_forward", "multi_backward", "sliced_forward", "embedding", "embedding_backward",
+           "tp_forward")
 CALLABLES = ("forward", "backward", "train_step", "merge", "scaling", "save", "load", "unmerge", "init",
              "lora_bias_forward", "lora_bias_backward", "dora_forward", "dora_backward")
 SETTINGS = ("dtypes", "to", "layout", "policy")
@@ -73,9 +76,11 @@ def pytest_report_collectionfinish(config, start_path, items):
     cand = _candidate(config)
     found = ", ".join(cand.fns) or "none"
     missing = ", ".join(n for n in CALLABLES if n not in cand.fns) or "none"
+    serving = [n for n in SERVING if serving_fn(cand, n) is not None]
     return [f"reflora candidate: {cand.spec}",
             f"  callables found: {found}",
             f"  skipped (not provided): {missing}",
+            f"  serving kernels found: {', '.join(serving) or 'none'} (of {len(SERVING)})",
             f"  dtypes: {', '.join(cand.dtypes)}; arrays via: {cand.to or 'numpy'}; layout: {cand.layout or '-'}"]
 
 
@@ -129,3 +134,16 @@ def candidate(request) -> Candidate:
 def options(request) -> dict:
     return {"max_examples": request.config.getoption("--max-examples"),
             "derandomize": request.config.getoption("--derandomize")}
+
+
+def serving_fn(cand: Candidate, name: str):
+    """The candidate's serving callable ``name``, or None (the object named by the spec, as for the others)."""
+    mod_name, _, attr = cand.spec.partition(":")
+    try:
+        obj = importlib.import_module(mod_name)
+        for part in filter(None, attr.split(".")):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    fn = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+    return fn if callable(fn) else None

@@ -17,30 +17,24 @@ tp_forward, and test_serving_tp[MODE-TP]. A missing callable is skipped.
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 
 import reflora.testing.serving as rts
+from reflora.testing.suite.conftest import SERVING, serving_fn
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-SERVING = ("shrink", "expand", "multi_forward", "multi_backward", "sliced_forward", "embedding", "embedding_backward",
-           "tp_forward")
 
 
 def _fn(candidate, name):
-    """The candidate's serving callable ``name`` (the suite's conftest records only the core ones)."""
-    mod_name, _, attr = candidate.spec.partition(":")
-    obj = importlib.import_module(mod_name)
-    for part in filter(None, attr.split(".")):
-        obj = getattr(obj, part)
-    fn = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-    if not callable(fn):
+    """The candidate's serving callable ``name`` (skipped where it has none)."""
+    fn = serving_fn(candidate, name)
+    if fn is None:
         pytest.skip(f"the candidate has no {name}")
     return fn
 
 
-def _kw(candidate, options):
+def candidate_kwargs(candidate, options):
     return {"max_examples": options["max_examples"] or 50, "derandomize": options["derandomize"], "to": candidate.to}
 
 
@@ -50,7 +44,7 @@ def test_serving(candidate, options, name, dtype):
     fn = _fn(candidate, name)
     candidate.require_dtype(dtype)
     extra = {"extra_vocab": True} if name.startswith("embedding") else {}
-    getattr(rts, f"check_{name}")(fn, dtype=dtype, **_kw(candidate, options), **extra)
+    getattr(rts, f"check_{name}")(fn, dtype=dtype, **candidate_kwargs(candidate, options), **extra)
 
 
 @pytest.mark.parametrize("tp", (1, 2, 4, 8))
@@ -58,6 +52,6 @@ def test_serving(candidate, options, name, dtype):
 def test_serving_tp(candidate, options, mode, tp):
     fn = _fn(candidate, "tp_forward")
     for dtype in candidate.dtypes:
-        kw = _kw(candidate, options)
+        kw = candidate_kwargs(candidate, options)
         kw["max_examples"] = min(kw["max_examples"], 10)
         rts.check_tp(fn, tp=tp, mode=mode, dtype=dtype, **kw)

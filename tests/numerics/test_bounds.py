@@ -37,8 +37,9 @@ def test_low_precision_errors_stay_within_the_bound(lead, I, O, R, dtype, mask, 
     s = 1.7
     low = [None if a is None else a.astype(dtype) for a in (x, A, B, W, b, m, dy)]
     hi = [None if a is None else a.astype(dtype).astype(np.float64) for a in (x, A, B, W, b, m, dy)]  # same inputs
-    y_l, c_l = lora_forward(*low[:3], scale=s, W=low[3], bias=low[4], dropout_mask=low[5])
-    g_l = lora_backward(low[6], c_l)
+    with np.errstate(over="ignore", invalid="ignore"):  # float16 may overflow: such draws are discarded below
+        y_l, c_l = lora_forward(*low[:3], scale=s, W=low[3], bias=low[4], dropout_mask=low[5])
+        g_l = lora_backward(low[6], c_l)
     y_h, c_h = lora_forward(*hi[:3], scale=s, W=hi[3], bias=hi[4], dropout_mask=hi[5])
     g_h = lora_backward(hi[6], c_h)
     # the bounds assume no overflow (float16 saturates at 65504)

@@ -76,6 +76,16 @@ def refuse_extras(adapters: Mapping[str, LoraAdapter], fmt: str, why_dora: str, 
                              "Keep it as PEFT (or merge it into the base weight and bias)")
 
 
+def check_found(found: Mapping[str, Any], record: Mapping[str, Any] | None, where: str, *, kind: str = "LoRA",
+                record_where: str | None = None, thing: str = "file") -> None:
+    """FormatError for a file with no LoRA tensors, or whose tensors are not the modules reflora's record names."""
+    if not found:
+        raise FormatError(f"{where}: no {kind} tensors")
+    if record is not None and sorted(record["modules"]) != sorted(found):
+        raise FormatError(f"{record_where or where}: reflora's record names {sorted(record['modules'])[:5]} but the "
+                          f"tensors are for {sorted(found)[:5]}: the {thing} was changed after reflora wrote it")
+
+
 def check_dtype(ad: LoraAdapter, m: str, allowed: tuple[str, ...], fmt: str) -> None:
     name = np.dtype(to_numpy(ad.A).dtype).name
     if name not in allowed:

@@ -288,11 +288,7 @@ def load_gguf(path: Any, *, n_head: int | None = None, n_head_kv: int | None = N
             if isinstance(exc, FormatError):
                 raise
             raise FormatError(f"{where}: tensor {t.name!r} cannot be read ({type(exc).__name__}: {exc})") from None
-    if not halves:
-        raise FormatError(f"{where}: no LoRA tensors")
-    if record is not None and sorted(record["modules"]) != sorted(halves):
-        raise FormatError(f"{where}: reflora's record names {sorted(record['modules'])[:5]} but the tensors are for "
-                          f"{sorted(halves)[:5]}: the file was changed after reflora wrote it")
+    c.check_found(halves, record, where)
     out: dict[str, LoraAdapter] = {}
     for base, h in halves.items():
         label = f"tensor pair {base!r}"

@@ -145,9 +145,7 @@ def load_kohya(path: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, Lor
     if not groups:
         raise FormatError(f"{where}: no kohya LoRA tensors")
     record = c.parse_record(metadata.get(_RECORD_KEY), "kohya", where)
-    if record is not None and sorted(record["modules"]) != sorted(groups):
-        raise FormatError(f"{where}: reflora's record names {sorted(record['modules'])[:5]} but the tensors are for "
-                          f"{sorted(groups)[:5]}: the file was changed after reflora wrote it")
+    c.check_found(groups, record, where, kind="kohya LoRA")
     out: dict[str, LoraAdapter] = {}
     for name, parts in groups.items():
         label = f"LoRA {name!r}"

@@ -154,11 +154,7 @@ def load_mlx(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, 
             raise FormatError(f"{weights}: tensor {key!r} is not an mlx-lm LoRA tensor{why}; expected "
                               "'<module>.lora_a' (I, R) or '<module>.lora_b' (R, O)")
         halves.setdefault(k["m"], {})[k["half"]] = arr
-    if not halves:
-        raise FormatError(f"{weights}: no LoRA tensors")
-    if record is not None and sorted(record["modules"]) != sorted(halves):
-        raise FormatError(f"{cfg_path}: reflora's record names {sorted(record['modules'])[:5]} but the tensors are "
-                          f"for {sorted(halves)[:5]}: the folder was changed after reflora wrote it")
+    c.check_found(halves, record, weights, record_where=cfg_path, thing="folder")
     out: dict[str, LoraAdapter] = {}
     for m, h in halves.items():
         label = f"module {m!r}"

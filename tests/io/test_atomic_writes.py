@@ -161,6 +161,12 @@ def _w_save_peft(d, v):
     return target
 
 
+def _w_save_mlx(d, v):
+    target = os.path.join(d, "mlx")  # weights and config together: the versions differ in scale (alpha 4 + v)
+    reflora.save_mlx(target, _adapters(v))
+    return target
+
+
 def _s_save_peft(d):
     os.makedirs(os.path.join(d, "peft"))
     with open(os.path.join(d, "peft", "README.md"), "w") as f:
@@ -213,7 +219,7 @@ def _none(d):
 WRITERS = {"save_tensors": (_none, _w_save_tensors), "save_adapter": (_none, _w_save_adapter),
            "save_peft": (_s_save_peft, _w_save_peft), "convert_file": (_s_sources, _w_convert_file),
            "convert_peft": (_s_sources, _w_convert_peft), "merge_file": (_s_sources, _w_merge),
-           "golden_write": (_none, _w_golden)}
+           "golden_write": (_none, _w_golden), "save_mlx": (_none, _w_save_mlx)}
 
 
 #: merge_model sums the output sizes (os.stat) after writing, so a failure there raises with the new file in

@@ -36,7 +36,7 @@ from .._errors import FormatError
 from ..adapter import LoraAdapter
 from ..backend import to_numpy
 from . import _common as c
-from .atomic import atomic_folder, owned_names
+from .atomic import atomic_folder, owned_names, read_consistently
 from .safetensors import load_tensors, save_tensors
 
 __all__ = ["MLX_CONFIG_NAME", "MLX_WEIGHTS_NAME", "is_mlx_dir", "load_mlx", "save_mlx"]
@@ -135,6 +135,11 @@ def load_mlx(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, 
         lora_parameters' rank, a record that contradicts the file.
     """
     directory = os.fspath(directory)
+    # save_mlx swaps the whole folder: a read that straddled a swap is done again (config and weights of one version)
+    return read_consistently(directory, lambda: _load_mlx(directory, xp=xp, dtype=dtype))
+
+
+def _load_mlx(directory: str, *, xp: Any, dtype: Any) -> dict[str, LoraAdapter]:
     cfg_path, weights = os.path.join(directory, MLX_CONFIG_NAME), os.path.join(directory, MLX_WEIGHTS_NAME)
     try:
         with open(cfg_path, encoding="utf-8") as f:

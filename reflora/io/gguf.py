@@ -332,6 +332,8 @@ def load_gguf(path: Any, *, n_head: int | None = None, n_head_kv: int | None = N
                                   f"{float(np.float32(c.alpha_for_scale(cfg.scale, cfg.rank)))!r}: the file was "
                                   "changed after reflora wrote it")
             module, mod_alpha, rs, init = rec["module"], cfg.alpha, cfg.use_rslora, cfg.init
+        if module in out:
+            raise FormatError(f"{where}: two tensor pairs map to module {module!r}")
         out[module] = c.build(where, label, a, b, alpha=mod_alpha, use_rslora=rs, init=init, xp=xp)
     return out
 

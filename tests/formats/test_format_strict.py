@@ -267,6 +267,21 @@ def test_gguf_record_with_malformed_head_counts_is_a_format_error(tmp_path, n_he
     assert list(reflora.load_gguf(q)) == ["model.layers.0.self_attn.q_proj"]
 
 
+def test_gguf_record_naming_one_module_twice_is_a_format_error(tmp_path):
+    """Two pairs whose record entries name one module: refused (the second used to replace the first silently)."""
+    p = tmp_path / "a.gguf"
+    reflora.save_gguf(p, {"model.layers.0.mlp.up_proj": _ad(), "model.layers.0.mlp.down_proj": _ad()})
+    r = gguf.GGUFReader(str(p))
+    rec = json.loads(r.fields["reflora.record"].contents())
+    rec["modules"]["blk.0.ffn_down"]["module"] = "model.layers.0.mlp.up_proj"
+    tensors = {t.name: np.array(t.data).reshape(tuple(int(d) for d in reversed([int(x) for x in t.shape])))
+               for t in r.tensors}
+    q = _gguf_file(tmp_path / "b.gguf", alpha=("f32", float(r.fields["adapter.lora.alpha"].contents())),
+                   tensors=tensors, record=json.dumps(rec))
+    with pytest.raises(FormatError, match="two tensor pairs map to module"):
+        reflora.load_gguf(q)
+
+
 def test_gguf_other_architectures_keep_gguf_names(tmp_path):
     p = _gguf_file(tmp_path / "a.gguf", arch="gemma2")
     assert list(reflora.load_gguf(p)) == ["blk.0.ffn_up"]

@@ -161,6 +161,8 @@ def _load_mlx(directory: str, *, xp: Any, dtype: Any) -> dict[str, LoraAdapter]:
         raise FormatError(f"{cfg_path}: lora_parameters has no 'scale'" + (" (it has 'alpha': mlx-lm's config stores "
                           "the scale s, not alpha; s = alpha / rank)" if "alpha" in lp else ""))
     R, s = _number(lp, "rank", cfg_path, integer=True), float(_number(lp, "scale", cfg_path))
+    if R < 1:
+        raise FormatError(f"{cfg_path}: lora_parameters['rank'] is {R}; expected an int >= 1")
     if not os.path.exists(weights):
         raise FormatError(f"{directory}: no {MLX_WEIGHTS_NAME}")
     tensors, _ = load_tensors(weights, xp="numpy", dtype=dtype)

@@ -116,7 +116,11 @@ def save_mlx(directory: Any, adapters: Mapping[str, LoraAdapter], *, overwrite: 
 def _number(cfg: Mapping[str, Any], key: str, where: str, *, integer: bool = False) -> float:
     v = cfg.get(key)
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not math.isfinite(v):
+    try:
+        ok = ok and math.isfinite(v)
+    except OverflowError:  # an int of hundreds of digits (JSON allows it) is beyond float64
+        ok = False
+    if isinstance(v, bool) or not ok:
         raise FormatError(f"{where}: lora_parameters[{key!r}] is {v!r}; expected {'an int' if integer else 'a number'}")
     return v
 

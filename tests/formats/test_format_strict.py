@@ -150,6 +150,8 @@ def _mlx_folder(tmp_path, cfg=None, tensors=None):
     ({"fine_tune_type": "dora", "lora_parameters": {"rank": 2, "scale": 1.0}}, None, "fine_tune_type"),
     ({"lora_parameters": {"rank": "2", "scale": 1.0}}, None, "rank"),
     ({"lora_parameters": {"rank": 2, "scale": float("nan")}}, None, "scale"),
+    ('{"lora_parameters": {"rank": 2, "scale": 1' + "0" * 400 + '}}', None, "scale"),
+    ('{"lora_parameters": {"rank": 1' + "0" * 400 + ', "scale": 1.0}}', None, "rank"),
     ({"lora_parameters": {"rank": 0, "scale": 1.0}}, {"model.q.lora_a": np.ones((8, 0), np.float32),
                                                        "model.q.lora_b": np.ones((0, 4), np.float32)}, "rank"),
     ("{bad json", None, "not valid JSON"),

@@ -105,13 +105,16 @@ class _NFA:
 def _compile(pattern: str) -> tuple[list[list], int]:
     """(states, start) for PEFT's full expression around ``pattern``; PatternError / re.error if refused."""
     full = rf"(.*\.)?({pattern})$"  # exactly the string PEFT hands to re.match
-    re.compile(full)  # re's own syntax errors first
-    parsed = sre_parse.parse(full)
-    if parsed.state.flags & ~(C.SRE_FLAG_UNICODE):
-        raise PatternError("sets global flags such as (?i), which reflora does not match")
-    nfa = _NFA(parsed.state)
-    match = nfa.new("match")
-    start = nfa.build(parsed, match)
+    try:  # re's parser and the NFA builder recurse once per nesting level: a deep key is refused, not a crash
+        re.compile(full)  # re's own syntax errors first
+        parsed = sre_parse.parse(full)
+        if parsed.state.flags & ~(C.SRE_FLAG_UNICODE):
+            raise PatternError("sets global flags such as (?i), which reflora does not match")
+        nfa = _NFA(parsed.state)
+        match = nfa.new("match")
+        start = nfa.build(parsed, match)
+    except RecursionError:
+        raise PatternError("nests groups too deeply for Python's regex parser (RecursionError)") from None
     return nfa.states, start
 
 

@@ -272,6 +272,11 @@ def load_gguf(path: Any, *, n_head: int | None = None, n_head_kv: int | None = N
     alpha = float(_field(reader, "adapter.lora.alpha", where) or 0.0)
     record = c.parse_record(_field(reader, _RECORD_KEY, where), "gguf", where)
     if record is not None:
+        for key in ("n_head", "n_head_kv"):
+            v = record.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise FormatError(f"{where}: reflora's record has {key} = {v!r:.80}; expected an int >= 1 or null: "
+                                  "the file was changed after reflora wrote it")
         n_head, n_head_kv = record.get("n_head"), record.get("n_head_kv")
     halves: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
@@ -323,6 +328,8 @@ def load_gguf(path: Any, *, n_head: int | None = None, n_head_kv: int | None = N
                                   f"{float(np.float32(c.alpha_for_scale(cfg.scale, cfg.rank)))!r}: the file was "
                                   "changed after reflora wrote it")
             module, mod_alpha, rs, init = rec["module"], cfg.alpha, cfg.use_rslora, cfg.init
+        if module in out:
+            raise FormatError(f"{where}: two tensor pairs map to module {module!r}")
         out[module] = c.build(where, label, a, b, alpha=mod_alpha, use_rslora=rs, init=init, xp=xp)
     return out
 

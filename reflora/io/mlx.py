@@ -36,6 +36,7 @@ from .._errors import FormatError
 from ..adapter import LoraAdapter
 from ..backend import to_numpy
 from . import _common as c
+from .atomic import atomic_folder, owned_names, read_consistently
 from .safetensors import load_tensors, save_tensors
 
 __all__ = ["MLX_CONFIG_NAME", "MLX_WEIGHTS_NAME", "is_mlx_dir", "load_mlx", "save_mlx"]
@@ -89,20 +90,37 @@ def save_mlx(directory: Any, adapters: Mapping[str, LoraAdapter], *, overwrite: 
         "reflora": json.loads(c.record_json("mlx", {m: (m, ad.config) for m, ad in mods.items()})),
     }
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     cfg_path, weights = os.path.join(directory, MLX_CONFIG_NAME), os.path.join(directory, MLX_WEIGHTS_NAME)
     if not overwrite:
         for p in (cfg_path, weights):
             if os.path.lexists(p):
                 raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
-    save_tensors(weights, tensors, metadata={"format": "mlx"}, overwrite=overwrite)
-    c.write_text(cfg_path, json.dumps(config, indent=4) + "\n", overwrite=overwrite)
+
+    def build(folder: str) -> None:
+        save_tensors(os.path.join(folder, MLX_WEIGHTS_NAME), tensors, metadata={"format": "mlx"}, overwrite=overwrite)
+        c.write_text(os.path.join(folder, MLX_CONFIG_NAME), json.dumps(config, indent=4) + "\n", overwrite=overwrite)
+
+    final = os.path.realpath(directory)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    cwd = os.path.realpath(os.getcwd())
+    if (os.path.ismount(final) or cwd == final or cwd.startswith(final + os.sep)
+            or not os.access(os.path.dirname(final), os.W_OK)):
+        # the folder cannot be swapped (as save_peft): the two files in place, weights first
+        os.makedirs(directory, exist_ok=True)
+        build(directory)
+        return
+    # the pair is replaced together: new weights beside an old config (another scale) would read silently wrong
+    atomic_folder(final, build, overwrite=True, keep=owned_names((MLX_CONFIG_NAME, MLX_WEIGHTS_NAME)))
 
 
 def _number(cfg: Mapping[str, Any], key: str, where: str, *, integer: bool = False) -> float:
     v = cfg.get(key)
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not math.isfinite(v):
+    try:
+        ok = ok and math.isfinite(v)
+    except OverflowError:  # an int of hundreds of digits (JSON allows it) is beyond float64
+        ok = False
+    if isinstance(v, bool) or not ok:
         raise FormatError(f"{where}: lora_parameters[{key!r}] is {v!r}; expected {'an int' if integer else 'a number'}")
     return v
 
@@ -121,6 +139,11 @@ def load_mlx(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, 
         lora_parameters' rank, a record that contradicts the file.
     """
     directory = os.fspath(directory)
+    # save_mlx swaps the whole folder: a read that straddled a swap is done again (config and weights of one version)
+    return read_consistently(directory, lambda: _load_mlx(directory, xp=xp, dtype=dtype))
+
+
+def _load_mlx(directory: str, *, xp: Any, dtype: Any) -> dict[str, LoraAdapter]:
     cfg_path, weights = os.path.join(directory, MLX_CONFIG_NAME), os.path.join(directory, MLX_WEIGHTS_NAME)
     try:
         with open(cfg_path, encoding="utf-8") as f:
@@ -142,6 +165,8 @@ def load_mlx(directory: Any, *, xp: Any = None, dtype: Any = None) -> dict[str, 
         raise FormatError(f"{cfg_path}: lora_parameters has no 'scale'" + (" (it has 'alpha': mlx-lm's config stores "
                           "the scale s, not alpha; s = alpha / rank)" if "alpha" in lp else ""))
     R, s = _number(lp, "rank", cfg_path, integer=True), float(_number(lp, "scale", cfg_path))
+    if R < 1:
+        raise FormatError(f"{cfg_path}: lora_parameters['rank'] is {R}; expected an int >= 1")
     if not os.path.exists(weights):
         raise FormatError(f"{directory}: no {MLX_WEIGHTS_NAME}")
     tensors, _ = load_tensors(weights, xp="numpy", dtype=dtype)

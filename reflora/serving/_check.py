@@ -103,7 +103,10 @@ def check_scales(scales: Any, L: int, name: str = "scales") -> np.ndarray:
     if isinstance(scales, bool):
         raise TypeError(f"{name} is {scales!r}; expected a real number or one real number per adapter (L = {L})")
     if isinstance(scales, numbers.Real) or getattr(scales, "shape", None) == ():
-        return np.full(L, float(scales))
+        s = np.full(L, float(scales))
+        if not np.all(np.isfinite(s)):
+            raise ValueError(f"{name} is {float(scales)}; expected a finite real number (as reflora.lora_forward)")
+        return s
     try:
         if hasattr(scales, "shape") and not isinstance(scales, np.ndarray):
             from ..backend import to_numpy  # noqa: PLC0415
@@ -115,6 +118,8 @@ def check_scales(scales: Any, L: int, name: str = "scales") -> np.ndarray:
                         f"(L = {L})") from None
     if s.shape != (L,):
         raise ValueError(f"{name} has shape {s.shape}; expected (L,) = ({L},), one scale per adapter")
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"{name} is {s.tolist()}; expected finite real numbers (as reflora.lora_forward)")
     return s
 
 

@@ -150,6 +150,10 @@ def _mlx_folder(tmp_path, cfg=None, tensors=None):
     ({"fine_tune_type": "dora", "lora_parameters": {"rank": 2, "scale": 1.0}}, None, "fine_tune_type"),
     ({"lora_parameters": {"rank": "2", "scale": 1.0}}, None, "rank"),
     ({"lora_parameters": {"rank": 2, "scale": float("nan")}}, None, "scale"),
+    ('{"lora_parameters": {"rank": 2, "scale": 1' + "0" * 400 + '}}', None, "scale"),
+    ('{"lora_parameters": {"rank": 1' + "0" * 400 + ', "scale": 1.0}}', None, "rank"),
+    ({"lora_parameters": {"rank": 0, "scale": 1.0}}, {"model.q.lora_a": np.ones((8, 0), np.float32),
+                                                       "model.q.lora_b": np.ones((0, 4), np.float32)}, "rank"),
     ("{bad json", None, "not valid JSON"),
     (None, {"model.q.lora_a": np.ones((2, 8), np.float32), "model.q.lora_b": np.ones((4, 2), np.float32)},
      "PEFT layout that was not transposed"),
@@ -178,7 +182,7 @@ def test_mlx_files_with_null_metadata_read(tmp_path):
 # ---------------------------------------------------------------- gguf
 
 
-def _gguf_file(p, *, gtype="adapter", atype="lora", alpha=("f32", 8.0), tensors=None, arch="llama"):
+def _gguf_file(p, *, gtype="adapter", atype="lora", alpha=("f32", 8.0), tensors=None, arch="llama", record=None):
     w = gguf.GGUFWriter(str(p), arch)
     if gtype is not None:
         w.add_type(gtype)
@@ -187,6 +191,8 @@ def _gguf_file(p, *, gtype="adapter", atype="lora", alpha=("f32", 8.0), tensors=
     if alpha is not None:
         kind, v = alpha
         (w.add_float32 if kind == "f32" else w.add_uint32)("adapter.lora.alpha", v)
+    if record is not None:
+        w.add_string("reflora.record", record)
     tensors = tensors if tensors is not None else {"blk.0.ffn_up.weight.lora_a": np.ones((2, 8), np.float32),
                                                    "blk.0.ffn_up.weight.lora_b": np.ones((4, 2), np.float32)}
     for name, arr in tensors.items():
@@ -243,6 +249,41 @@ def test_gguf_llama_q_without_heads_asks_for_them(tmp_path):
         reflora.load_gguf(p)
     (ad,) = reflora.load_gguf(p, n_head=2).values()
     assert ad.B.shape == (8, 2)
+
+
+@pytest.mark.parametrize("n_head", ["4", [2], True, 0, 2.5])
+def test_gguf_record_with_malformed_head_counts_is_a_format_error(tmp_path, n_head):
+    """A record whose n_head is not an int >= 1 is refused as FormatError (it used to raise TypeError)."""
+    p = tmp_path / "a.gguf"
+    reflora.save_gguf(p, {"model.layers.0.self_attn.q_proj": _ad(O=8)}, n_head=2)
+    r = gguf.GGUFReader(str(p))
+    rec = json.loads(r.fields["reflora.record"].contents())
+    tensors = {t.name: np.array(t.data).reshape(tuple(int(d) for d in reversed([int(x) for x in t.shape])))
+               for t in r.tensors}
+    rec["n_head"] = n_head
+    q = _gguf_file(tmp_path / "b.gguf", alpha=("f32", float(r.fields["adapter.lora.alpha"].contents())),
+                   tensors=tensors, record=json.dumps(rec))
+    with pytest.raises(FormatError, match="n_head"):
+        reflora.load_gguf(q)
+    rec["n_head"] = 2
+    q = _gguf_file(tmp_path / "c.gguf", alpha=("f32", float(r.fields["adapter.lora.alpha"].contents())),
+                   tensors=tensors, record=json.dumps(rec))
+    assert list(reflora.load_gguf(q)) == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_gguf_record_naming_one_module_twice_is_a_format_error(tmp_path):
+    """Two pairs whose record entries name one module: refused (the second used to replace the first silently)."""
+    p = tmp_path / "a.gguf"
+    reflora.save_gguf(p, {"model.layers.0.mlp.up_proj": _ad(), "model.layers.0.mlp.down_proj": _ad()})
+    r = gguf.GGUFReader(str(p))
+    rec = json.loads(r.fields["reflora.record"].contents())
+    rec["modules"]["blk.0.ffn_down"]["module"] = "model.layers.0.mlp.up_proj"
+    tensors = {t.name: np.array(t.data).reshape(tuple(int(d) for d in reversed([int(x) for x in t.shape])))
+               for t in r.tensors}
+    q = _gguf_file(tmp_path / "b.gguf", alpha=("f32", float(r.fields["adapter.lora.alpha"].contents())),
+                   tensors=tensors, record=json.dumps(rec))
+    with pytest.raises(FormatError, match="two tensor pairs map to module"):
+        reflora.load_gguf(q)
 
 
 def test_gguf_other_architectures_keep_gguf_names(tmp_path):

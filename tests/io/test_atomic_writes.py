@@ -161,6 +161,12 @@ def _w_save_peft(d, v):
     return target
 
 
+def _w_save_mlx(d, v):
+    target = os.path.join(d, "mlx")  # weights and config together: the versions differ in scale (alpha 4 + v)
+    reflora.save_mlx(target, _adapters(v))
+    return target
+
+
 def _s_save_peft(d):
     os.makedirs(os.path.join(d, "peft"))
     with open(os.path.join(d, "peft", "README.md"), "w") as f:
@@ -213,7 +219,7 @@ def _none(d):
 WRITERS = {"save_tensors": (_none, _w_save_tensors), "save_adapter": (_none, _w_save_adapter),
            "save_peft": (_s_save_peft, _w_save_peft), "convert_file": (_s_sources, _w_convert_file),
            "convert_peft": (_s_sources, _w_convert_peft), "merge_file": (_s_sources, _w_merge),
-           "golden_write": (_none, _w_golden)}
+           "golden_write": (_none, _w_golden), "save_mlx": (_none, _w_save_mlx)}
 
 
 #: merge_model sums the output sizes (os.stat) after writing, so a failure there raises with the new file in
@@ -544,3 +550,24 @@ def test_a_folder_swap_cut_short_is_kept_for_recovery_not_cleaned(tmp_path, monk
     assert old.exists() and not (tmp_path / "g").exists()
     atomic.recover_folder(str(tmp_path / "g"))
     assert (tmp_path / "g" / "f").read_text() == "old" and not old.exists()
+
+
+def test_load_mlx_reads_one_version_while_save_mlx_swaps_the_folder(tmp_path, monkeypatch):
+    from reflora.io import mlx as mlx_io
+
+    d = tmp_path / "mlx"
+    reflora.save_mlx(d, _adapters(0))
+    real = mlx_io.load_tensors
+    calls = []
+
+    def swap_then_load(path, **kw):  # the writer swaps the folder between load_mlx's config and weights reads
+        calls.append(path)
+        if len(calls) == 1:
+            reflora.save_mlx(d, _adapters(1))
+        return real(path, **kw)
+
+    monkeypatch.setattr(mlx_io, "load_tensors", swap_then_load)
+    got = reflora.load_mlx(d)
+    assert len(calls) == 2  # the torn first read (old scale, new weights) was noticed and done again
+    for m, ad in _adapters(1).items():
+        assert got[m].scale == ad.scale and np.array_equal(got[m].A, ad.A)

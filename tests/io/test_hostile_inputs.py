@@ -242,6 +242,7 @@ CONFIG_CORPUS = {
     "pattern_backreference": _set("alpha_pattern", {r"(q)\1": 2}),
     "pattern_lookahead": _set("alpha_pattern", {r"(?=q)q": 2}),
     "pattern_too_big": _set("alpha_pattern", {"(q{1000}){1000}": 2}),
+    "pattern_nested_too_deep": _set("rank_pattern", {"(" * 3000 + "q" + ")" * 3000: 2}),  # RecursionError in re
     "deep_nesting": lambda cfg: '{"peft_type": "LORA", "x": ' + "[" * _DEEP + "]" * _DEEP + "}",
     "not_an_object": lambda cfg: "[1, 2]",
     "not_utf8": lambda cfg: "\udcff",

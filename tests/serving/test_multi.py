@@ -194,6 +194,9 @@ def test_bad_input_is_refused_with_a_clear_message():
         multi_lora_forward(x, A.astype(np.float32), B, idx, scales=1.0)
     with pytest.raises(TypeError, match="scales is True"):
         multi_lora_forward(x, A, B, idx, scales=True)
+    for bad in (float("nan"), float("inf"), [1.0, float("-inf")], np.array([np.nan, 1.0])):  # as lora_forward
+        with pytest.raises(ValueError, match="expected finite real numbers|expected a finite real number"):
+            multi_lora_forward(x, A, B, idx, scales=bad)
     _, cache = multi_lora_forward(x, A, B, idx, scales=1.0)
     with pytest.raises(ValueError, match=r"dy has shape \(3, 4\); expected \(\.\.\., O\) = \(3, 5\)"):
         multi_lora_backward(np.ones((3, 4)), cache)

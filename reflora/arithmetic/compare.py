@@ -211,10 +211,14 @@ def _compare_module(name: str, other: str, ad_a: LoraAdapter, ad_b: LoraAdapter,
                 return ModuleDiff(name, other, "identical", 0.0, 0.0, 1.0, "bit-identical ΔW")
             if rel <= rtol:
                 return ModuleDiff(name, other, "equal", st["diff"], rel, None, f"ΔW agree within rtol {rtol:g}")
-        if st["bb"] == 0 or st["max_a"] == 0:
-            zero = "second" if st["bb"] == 0 else "first"
+        if st["max_b"] == 0 or st["max_a"] == 0:
+            zero = "second" if st["max_b"] == 0 else "first"
             verdict = f"the {zero} side's ΔW is zero (lora_B all zeros: untrained, or its weights were dropped)"
             best = best or ModuleDiff(name, other, "differs", st["diff"], rel, None, verdict)
+            continue
+        if st["bb"] == 0:  # nonzero entries whose squares underflow (below about 1e-154): no factor to fit
+            best = best or ModuleDiff(name, other, "differs", st["diff"], rel, None,
+                                      "the second side's ΔW is nonzero but too small (< 1e-154) to fit a factor")
             continue
         c = st["ab"] / st["bb"]
         res = _stats(ad_a, ad_b, transposed=transposed, factor=c, W_a=W_a, W_b=W_b)

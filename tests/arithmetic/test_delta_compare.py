@@ -130,6 +130,14 @@ def test_missing_module_and_unrelated_adapter():
     assert not d.ok
 
 
+def test_a_tiny_but_nonzero_side_is_not_called_zero():
+    # ΔW entries near 1e-170: their squares underflow to 0, yet the ΔW is not zero
+    a = _ad(2, 6, 5, 4.0, seed=1, dtype="float64")
+    b = reflora.LoraAdapter.from_arrays(np.asarray(a.A) * 1e-85, np.asarray(a.B) * 1e-85, alpha=4.0)
+    (m,) = reflora.compare_adapters({"q": a}, {"q": b}).modules
+    assert m.status == "differs" and "is zero" not in m.verdict and "too small" in m.verdict, m.verdict
+
+
 def test_rows_permuted_names_the_gguf_permutation():
     a = _ad(2, 8, 8, 4.0)
     B = reflora.io.gguf.permute_rows(np.asarray(a.B), 2)

@@ -36,7 +36,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 __all__ = ["TMP_TAG", "atomic_folder", "atomic_write", "clean_stale", "exists_message", "read_consistently",
-           "recover_folder"]
+           "recover_folder", "replace_folder"]
 
 TMP_TAG = ".reflora-tmp-"
 #: A leftover of a process that is gone is removed once it is this old (seconds); any leftover after a week.
@@ -353,3 +353,21 @@ def owned_names(names: Iterable[str]) -> Callable[[str], bool]:
     """A ``keep`` for atomic_folder that drops the given names (files of an older version)."""
     drop = frozenset(names)
     return lambda name: name not in drop
+
+
+def replace_folder(directory: Any, build: Callable[[str], None], *, names: Iterable[str]) -> None:
+    """Write a folder's set of files (``names``) all or nothing where the folder can be swapped.
+
+    A mount point, the working directory (or a folder above it) or a read-only parent
+    cannot be swapped: there ``build`` writes the files in place, in its own order, and
+    the reader must detect a torn set (``load_peft`` does, by reflora's config record).
+    """
+    final = os.path.realpath(os.fspath(directory))
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    cwd = os.path.realpath(os.getcwd())
+    if (os.path.ismount(final) or cwd == final or cwd.startswith(final + os.sep)
+            or not os.access(os.path.dirname(final), os.W_OK)):
+        os.makedirs(final, exist_ok=True)
+        build(final)
+        return
+    atomic_folder(final, build, overwrite=True, keep=owned_names(names))

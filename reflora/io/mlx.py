@@ -36,7 +36,7 @@ from .._errors import FormatError
 from ..adapter import LoraAdapter
 from ..backend import to_numpy
 from . import _common as c
-from .atomic import atomic_folder, owned_names, read_consistently
+from .atomic import read_consistently, replace_folder
 from .safetensors import load_tensors, save_tensors
 
 __all__ = ["MLX_CONFIG_NAME", "MLX_WEIGHTS_NAME", "is_mlx_dir", "load_mlx", "save_mlx"]
@@ -100,17 +100,8 @@ def save_mlx(directory: Any, adapters: Mapping[str, LoraAdapter], *, overwrite: 
         save_tensors(os.path.join(folder, MLX_WEIGHTS_NAME), tensors, metadata={"format": "mlx"}, overwrite=overwrite)
         c.write_text(os.path.join(folder, MLX_CONFIG_NAME), json.dumps(config, indent=4) + "\n", overwrite=overwrite)
 
-    final = os.path.realpath(directory)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    cwd = os.path.realpath(os.getcwd())
-    if (os.path.ismount(final) or cwd == final or cwd.startswith(final + os.sep)
-            or not os.access(os.path.dirname(final), os.W_OK)):
-        # the folder cannot be swapped (as save_peft): the two files in place, weights first
-        os.makedirs(directory, exist_ok=True)
-        build(directory)
-        return
     # the pair is replaced together: new weights beside an old config (another scale) would read silently wrong
-    atomic_folder(final, build, overwrite=True, keep=owned_names((MLX_CONFIG_NAME, MLX_WEIGHTS_NAME)))
+    replace_folder(directory, build, names=(MLX_CONFIG_NAME, MLX_WEIGHTS_NAME))
 
 
 def _number(cfg: Mapping[str, Any], key: str, where: str, *, integer: bool = False) -> float:

@@ -27,7 +27,7 @@ from ..backend import asarray, to_numpy
 from ._config import pattern_key, read_peft_config
 from ._keys import (PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, adapter_tensors, as_mapping, build_adapter,
                     metadata_for, parse_key, read_record, unsupported_reason)
-from .atomic import atomic_folder, atomic_write, exists_message, owned_names, read_consistently
+from .atomic import atomic_write, exists_message, read_consistently, replace_folder
 from .safetensors import load_tensors, save_tensors
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft", "pattern_key", "read_peft_config", "save_peft"]
@@ -280,17 +280,9 @@ def save_peft(directory: Any, adapters: Mapping[str, LoraAdapter], *, base_model
         save_tensors(os.path.join(folder, PEFT_WEIGHTS_NAME), tensors, metadata=metadata_for(mods, "peft"))
         atomic_write(os.path.join(folder, PEFT_CONFIG_NAME), lambda tmp: _write_text(tmp, text), overwrite=True)
 
-    final = os.path.realpath(directory)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    cwd = os.path.realpath(os.getcwd())
-    if (os.path.ismount(final) or cwd == final or cwd.startswith(final + os.sep)
-            or not os.access(os.path.dirname(final), os.W_OK)):
-        # the folder cannot be swapped (a mount point, the working directory, a read-only parent): write the
-        # two files in place, weights first; load_peft then detects a pair torn by a crash (the config record)
-        os.makedirs(directory, exist_ok=True)
-        build(directory)
-        return
-    atomic_folder(final, build, overwrite=True, keep=owned_names((PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)))
+    # the pair is replaced together (weights first where the folder cannot be swapped; load_peft then
+    # detects a pair torn by a crash through reflora's config record)
+    replace_folder(directory, build, names=(PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME))
 
 
 def _write_text(path: str, text: str) -> None:

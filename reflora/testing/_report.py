@@ -122,7 +122,7 @@ class CheckFailure(Exception):
     """Internal: a failed comparison (turned into AssertionError with the reproduction)."""
 
 def compare_tensor(name: str, cand: Any, ref: np.ndarray, env: Q, policy: TolerancePolicy, dtype: str, *,
-             check_dtype: bool, what: str = "") -> float:
+                   check_dtype: bool, what: str = "") -> float:
     """Compare one tensor elementwise with the envelope's bound; return the worst err / bound, or raise CheckFailure."""
     h, got_dtype = to_host(cand)
     label = f"{name} {what}" if what else name
@@ -170,8 +170,8 @@ def compare_tensor(name: str, cand: Any, ref: np.ndarray, env: Q, policy: Tolera
 
 
 def raise_failure(check: str, fn_vars: Sequence[tuple[str, Any]], problem: Problem, detail: str, call: str,
-          extra: Problem | SGDOptions | None = None, to: Any = None,
-          exc: BaseException | None = None) -> AssertionError:
+                  extra: Problem | SGDOptions | None = None, to: Any = None,
+                  exc: BaseException | None = None) -> AssertionError:
     lines = [f"reflora.testing.{check}: {detail}", f"  problem: {problem.shapes()}"]
     if extra is not None:
         lines.append(f"  options: {extra!r}")
@@ -237,7 +237,7 @@ def tensor_pair(label: str, y: np.ndarray, y2: np.ndarray, bound: np.ndarray) ->
     if over.any():
         idx = tuple(int(i) for i in np.argwhere(over)[0])
         raise CheckFailure(f"{label} differs: abs difference {float(diff[idx]):.4g} at index {idx} ({float(y[idx])!r} vs "
-                    f"{float(y2[idx])!r}); allowed {float(bound[idx]):.4g} (twice the forward's envelope)")
+                           f"{float(y2[idx])!r}); allowed {float(bound[idx]):.4g} (twice the forward's envelope)")
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(bound > 0, diff / np.where(bound > 0, bound, 1.0), 0.0)
     return float(np.max(r))
@@ -247,7 +247,7 @@ def tensor_pair(label: str, y: np.ndarray, y2: np.ndarray, bound: np.ndarray) ->
 
 
 def run_examples(check: str, dtype: str, strategy, body: Callable, *, max_examples: int, derandomize: bool,
-         seed: int | None, shrink: bool = True) -> CheckResult:
+                 seed: int | None, shrink: bool = True) -> CheckResult:
     from hypothesis import HealthCheck, Phase, given, settings  # noqa: PLC0415
     from hypothesis import seed as hseed  # noqa: PLC0415
 

@@ -68,7 +68,7 @@ def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *,
                     ad = load_adapter(path, layout=layout, alpha=1.0, xp="numpy")
                 except Exception as exc:  # noqa: BLE001
                     raise CheckFailure(f"reflora.load_adapter(layout={layout!r}) cannot read the candidate's file: "
-                                f"{exc}") from exc
+                                       f"{exc}") from exc
                 same(f"reflora.load_adapter(layout={layout!r}) of the candidate's file", ad.A, a["A"], "A (R, I)")
                 same(f"reflora.load_adapter(layout={layout!r}) of the candidate's file", ad.B, a["B"], "B (O, R)")
                 path2 = os.path.join(tmp, "reflora.safetensors")
@@ -80,7 +80,7 @@ def check_roundtrip_problem(save: Callable, load: Callable, problem: Problem, *,
     except CheckFailure as f_:
         call = "check_roundtrip_problem(save, load, problem" + (f", layout={layout!r}" if layout else "")
         raise raise_failure("check_roundtrip", [("save", save), ("load", load)], problem, str(f_), call, to=to,
-                    exc=f_.__cause__) from None
+                            exc=f_.__cause__) from None
 
 
 # ---------------------------------------------------------------- hypothesis drivers
@@ -96,8 +96,8 @@ def check_roundtrip(save: Callable, load: Callable, *, dtype: str = "float32", l
     d = dtype_arg(dtype)
     strat = draw_problems(d, W=False, bias=False, dropout=False, max_size=16)
     return run_examples("check_roundtrip", d, strat,
-                lambda p: check_roundtrip_problem(save, load, p, layout=layout, to=to),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        lambda p: check_roundtrip_problem(save, load, p, layout=layout, to=to),
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 SCALE_GRID = tuple((r, alpha, rs) for r in (1, 2, 3, 4, 8, 16, 64) for alpha in (1.0, 8.0, 16.0, 32.0)

@@ -31,12 +31,13 @@ def check_forward_problem(forward: Callable, problem: Problem, *, policy: Tolera
         env = forward_envelope(f["x"], f["A"], f["B"], scale=problem.scale, W=f["W"], bias=f["bias"],
                                dropout_mask=f["dropout_mask"], dtype=d, accumulate=policy.accumulate)
         y = call_candidate("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), scale=problem.scale,
-                  W=None if a["W"] is None else conv(a["W"]), bias=None if a["bias"] is None else conv(a["bias"]),
-                  **candidate_kwargs(forward, a["dropout_mask"], conv))
+                           W=None if a["W"] is None else conv(a["W"]),
+                           bias=None if a["bias"] is None else conv(a["bias"]),
+                           **candidate_kwargs(forward, a["dropout_mask"], conv))
         return {"y": compare_tensor("y", y, ref, env, policy, d, check_dtype=check_dtype)}
     except CheckFailure as f_:
         raise raise_failure("check_forward", [("forward", forward)], problem, str(f_),
-                    "check_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
+                            "check_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
 
 
 def check_backward_problem(backward: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
@@ -54,8 +55,9 @@ def check_backward_problem(backward: Callable, problem: Problem, *, policy: Tole
         env = backward_envelope(f["x"], f["A"], f["B"], f["dy"], scale=s, W=f["W"], dropout_mask=f["dropout_mask"],
                                 dtype=d, accumulate=policy.accumulate)
         out = call_candidate("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(a["dy"]), scale=s,
-                    W=None if a["W"] is None else conv(a["W"]), bias=None if a["bias"] is None else conv(a["bias"]),
-                    **candidate_kwargs(backward, a["dropout_mask"], conv))
+                            W=None if a["W"] is None else conv(a["W"]),
+                            bias=None if a["bias"] is None else conv(a["bias"]),
+                            **candidate_kwargs(backward, a["dropout_mask"], conv))
         if not isinstance(out, (tuple, list)) or len(out) != 3:
             raise CheckFailure(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB)")
         ratios = {}
@@ -64,7 +66,7 @@ def check_backward_problem(backward: Callable, problem: Problem, *, policy: Tole
         return ratios
     except CheckFailure as f_:
         raise raise_failure("check_backward", [("backward", backward)], problem, str(f_),
-                    "check_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
+                            "check_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
 
 
 def check_metamorphic_problem(forward: Callable, problem: Problem, *, merge: Callable | None = None,
@@ -84,8 +86,8 @@ def check_metamorphic_problem(forward: Callable, problem: Problem, *, merge: Cal
 
     def fwd(x, A, B, W=a["W"], mask_kw=mask_kw, native_W=None):
         return call_candidate("forward", forward, conv(x), conv(A), conv(B), scale=s,
-                     W=native_W if native_W is not None else (None if W is None else conv(W)),
-                     bias=None if a["bias"] is None else conv(a["bias"]), **mask_kw)
+                              W=native_W if native_W is not None else (None if W is None else conv(W)),
+                              bias=None if a["bias"] is None else conv(a["bias"]), **mask_kw)
 
     def env_of(A, B, W=f["W"], mask=f["dropout_mask"]):
         return forward_envelope(f["x"], A, B, scale=s, W=W, bias=f["bias"], dropout_mask=mask, dtype=d,
@@ -112,14 +114,14 @@ def check_metamorphic_problem(forward: Callable, problem: Problem, *, merge: Cal
         B_pad = np.concatenate([a["B"], np.zeros((problem.O, P), a["B"].dtype)], axis=1)
         y_pad, _ = to_host(fwd(a["x"], A_pad, B_pad))
         ratios["y_padded"] = tensor_pair(f"rank R = {problem.R} padded with {P} zero rows of A and zero columns of B: "
-                                   "y_padded", y, y_pad, bound)
+                                         "y_padded", y, y_pad, bound)
         # B = 0 gives the base output x W^T + bias
         B0 = np.zeros_like(a["B"])
         ref0, _ = lora_forward(f["x"], f["A"], as_f64(B0), scale=s, W=f["W"], bias=f["bias"],
                                dropout_mask=f["dropout_mask"])
         y0 = fwd(a["x"], a["A"], B0)
         ratios["y_B0"] = compare_tensor("y_B0", y0, ref0, env_of(f["A"], as_f64(B0)), policy, d, check_dtype=check_dtype,
-                                  what="(B = 0 must give the base output x W^T + bias)")
+                                        what="(B = 0 must give the base output x W^T + bias)")
         if merge is not None and a["W"] is not None:
             Wm = call_candidate("merge", merge, conv(a["W"]), conv(a["A"]), conv(a["B"]), scale=s)
             env_W = merge_envelope(f["W"], f["A"], f["B"], scale=s, dtype=d, accumulate=policy.accumulate)
@@ -128,9 +130,10 @@ def check_metamorphic_problem(forward: Callable, problem: Problem, *, merge: Cal
             env_m = forward_envelope(f["x"], f["A"], as_f64(B0), scale=s, W=Q(env_W.v, env_W.e, env_W.m),
                                      bias=f["bias"], dtype=d, accumulate=policy.accumulate)
             ym = call_candidate("forward", forward, conv(a["x"]), conv(a["A"]), conv(B0), scale=s, W=Wm,
-                       bias=None if a["bias"] is None else conv(a["bias"]))
-            ratios["y_merged"] = compare_tensor("y_merged", ym, ref_nomask, env_m, policy, d, check_dtype=check_dtype,
-                                          what="(forward through merge(W, A, B) with B = 0, against the unmerged y)")
+                                bias=None if a["bias"] is None else conv(a["bias"]))
+            ratios["y_merged"] = compare_tensor(
+                "y_merged", ym, ref_nomask, env_m, policy, d, check_dtype=check_dtype,
+                what="(forward through merge(W, A, B) with B = 0, against the unmerged y)")
         return ratios
     except CheckFailure as f_:
         vars_ = [("forward", forward)] + ([("merge", merge)] if merge is not None else [])
@@ -179,8 +182,8 @@ def check_forward(forward: Callable, *, dtype: str = "float32", max_examples: in
     use_dropout = accepts_keyword(forward, "dropout_mask") if dropout is None else dropout
     strat = draw_problems(d, dropout=None if use_dropout else False, max_size=max_size, wide=True)
     return run_examples("check_forward", d, strat,
-                lambda p: check_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        lambda p: check_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_backward(backward: Callable, *, dtype: str = "float32", max_examples: int = 100, derandomize: bool = False,
@@ -197,8 +200,8 @@ def check_backward(backward: Callable, *, dtype: str = "float32", max_examples: 
     use_dropout = accepts_keyword(backward, "dropout_mask") if dropout is None else dropout
     strat = draw_problems(d, dropout=None if use_dropout else False, max_size=max_size, wide=True)
     return run_examples("check_backward", d, strat,
-                lambda p: check_backward_problem(backward, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        lambda p: check_backward_problem(backward, p, policy=policy, to=to, check_dtype=check_dtype),
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_metamorphic(forward: Callable, *, merge: Callable | None = None, dtype: str = "float32",
@@ -211,6 +214,6 @@ def check_metamorphic(forward: Callable, *, merge: Callable | None = None, dtype
     use_dropout = accepts_keyword(forward, "dropout_mask") if dropout is None else dropout
     strat = draw_problems(d, dropout=None if use_dropout else False, W=True, min_rows=2, max_size=16)
     return run_examples("check_metamorphic", d, strat,
-                lambda p: check_metamorphic_problem(forward, p, merge=merge, policy=policy, to=to,
+                        lambda p: check_metamorphic_problem(forward, p, merge=merge, policy=policy, to=to,
                                                     check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)

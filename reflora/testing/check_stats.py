@@ -126,5 +126,5 @@ def check_init(init: Callable, *, max_examples: int = 20, derandomize: bool = Fa
         lambda t: LoraConfig(rank=t[0].rank, alpha=t[0].alpha, in_features=t[0].in_features,
                              out_features=t[0].out_features, use_rslora=t[0].use_rslora, init=t[1]))
     return run_examples("check_init", "float64", strat, lambda c: check_init_config(init, c, min_samples=min_samples),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 

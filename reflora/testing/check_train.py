@@ -42,7 +42,7 @@ def check_sgd_problem(train_step: Callable, problem: Problem, options: SGDOption
             g = lora_backward(dy, cache)
             ref, ref_state = opt.step(ref, {"A": g.dA, "B": g.dB}, ref_state)
             out = call_candidate(f"train_step (step {t + 1})", train_step, conv(a["x"]), conv(a["target"]), params, state,
-                        scale=s, **kw)
+                                 scale=s, **kw)
             if not isinstance(out, (tuple, list)) or len(out) != 2 or not isinstance(out[0], dict):
                 raise CheckFailure(f"train_step returned {type(out).__name__}; expected (params dict, state)")
             new, state = out
@@ -54,19 +54,19 @@ def check_sgd_problem(train_step: Callable, problem: Problem, options: SGDOption
                     if h.shape != a[key].shape or not np.array_equal(h, f[key]):
                         diff = float(np.max(np.abs(h - f[key]))) if h.shape == a[key].shape else float("nan")
                         raise CheckFailure(f"{key} changed in training step {t + 1} (max change {diff:.4g}); "
-                                    f"expected it frozen: only A and B are trained")
+                                           f"expected it frozen: only A and B are trained")
             for i, name in enumerate(("A", "B")):
                 if name not in new:
                     raise CheckFailure(f"train_step's params have no {name!r}")
                 r = compare_tensor(name, new[name], ref[name], env[t][i], policy, d, check_dtype=check_dtype,
-                             what=f"after SGD step {t + 1} of {options.steps}")
+                                   what=f"after SGD step {t + 1} of {options.steps}")
                 ratios[name] = max(ratios.get(name, 0.0), r)
             params = new
         return ratios
     except CheckFailure as f_:
         raise raise_failure("check_sgd", [("train_step", train_step)], problem, str(f_),
-                    "check_sgd_problem(train_step, problem, options", extra=options, to=to,
-                    exc=f_.__cause__) from None
+                            "check_sgd_problem(train_step, problem, options", extra=options, to=to,
+                            exc=f_.__cause__) from None
 
 
 def check_merge_problem(merge: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
@@ -85,10 +85,10 @@ def check_merge_problem(merge: Callable, problem: Problem, *, policy: ToleranceP
         env = merge_envelope(W64, f["A"], f["B"], scale=s, dtype=d, accumulate=policy.accumulate)
         out = call_candidate("merge", merge, conv(W), conv(a["A"]), conv(a["B"]), scale=s)
         return {"W": compare_tensor("W", out, ref, env, policy, d, check_dtype=check_dtype,
-                              what="(merged weight W + s B A)")}
+                                    what="(merged weight W + s B A)")}
     except CheckFailure as f_:
         raise raise_failure("check_merge", [("merge", merge)], problem, str(f_), "check_merge_problem(merge, problem",
-                    to=to, exc=f_.__cause__) from None
+                            to=to, exc=f_.__cause__) from None
 
 
 def check_unmerge_problem(unmerge: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
@@ -107,10 +107,10 @@ def check_unmerge_problem(unmerge: Callable, problem: Problem, *, policy: Tolera
         env = merge_envelope(W64, f["A"], f["B"], scale=-s, dtype=d, accumulate=policy.accumulate)
         out = call_candidate("unmerge", unmerge, conv(W), conv(a["A"]), conv(a["B"]), scale=s)
         return {"W_unmerged": compare_tensor("W_unmerged", out, ref, env, policy, d, check_dtype=check_dtype,
-                                       what="(unmerged weight W' - s B A)")}
+                                             what="(unmerged weight W' - s B A)")}
     except CheckFailure as f_:
         raise raise_failure("check_unmerge", [("unmerge", unmerge)], problem, str(f_),
-                    "check_unmerge_problem(unmerge, problem", to=to, exc=f_.__cause__) from None
+                            "check_unmerge_problem(unmerge, problem", to=to, exc=f_.__cause__) from None
 
 
 # ---------------------------------------------------------------- hypothesis drivers
@@ -133,8 +133,8 @@ def check_sgd(train_step: Callable, *, dtype: str = "float32", steps: int | None
     d = dtype_arg(dtype)
     strat = strategies.training_problems(dtypes=[d], steps=steps)
     return run_examples("check_sgd", d, strat,
-                lambda p, o: check_sgd_problem(train_step, p, o, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        lambda p, o: check_sgd_problem(train_step, p, o, policy=policy, to=to, check_dtype=check_dtype),
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_merge(merge: Callable, *, dtype: str = "float32", max_examples: int = 50, derandomize: bool = False,
@@ -144,8 +144,8 @@ def check_merge(merge: Callable, *, dtype: str = "float32", max_examples: int = 
     d = dtype_arg(dtype)
     strat = draw_problems(d, W=True, dropout=False)
     return run_examples("check_merge", d, strat,
-                lambda p: check_merge_problem(merge, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        lambda p: check_merge_problem(merge, p, policy=policy, to=to, check_dtype=check_dtype),
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_unmerge(unmerge: Callable, *, dtype: str = "float32", max_examples: int = 50, derandomize: bool = False,
@@ -155,5 +155,5 @@ def check_unmerge(unmerge: Callable, *, dtype: str = "float32", max_examples: in
     d = dtype_arg(dtype)
     strat = draw_problems(d, W=True, dropout=False)
     return run_examples("check_unmerge", d, strat,
-                lambda p: check_unmerge_problem(unmerge, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        lambda p: check_unmerge_problem(unmerge, p, policy=policy, to=to, check_dtype=check_dtype),
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)

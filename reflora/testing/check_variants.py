@@ -60,11 +60,12 @@ def check_lora_bias_forward_problem(forward: Callable, problem: Problem, *, poli
         env = forward_envelope(f["x"], f["A"], f["B"], scale=s, W=f["W"], bias=f["bias"], lora_bias=c64, dtype=d,
                                accumulate=policy.accumulate)
         y = call_candidate("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(c), scale=s,
-                  W=None if a["W"] is None else conv(a["W"]), bias=None if a["bias"] is None else conv(a["bias"]))
+                           W=None if a["W"] is None else conv(a["W"]),
+                           bias=None if a["bias"] is None else conv(a["bias"]))
         return {"y": compare_tensor("y", y, ref, env, policy, d, check_dtype=check_dtype, what="(with lora_bias)")}
     except CheckFailure as f_:
         raise raise_failure("check_lora_bias_forward", [("forward", forward)], problem, str(f_),
-                    "check_lora_bias_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
+                            "check_lora_bias_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
 
 
 def check_lora_bias_backward_problem(backward: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
@@ -79,8 +80,8 @@ def check_lora_bias_backward_problem(backward: Callable, problem: Problem, *, po
                                  accumulate=policy.accumulate)
         envs = (*envs, lora_bias_grad_envelope(f["dy"], scale=s, dtype=d, accumulate=policy.accumulate))
         out = call_candidate("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(c), conv(a["dy"]),
-                    scale=s, W=None if a["W"] is None else conv(a["W"]),
-                    bias=None if a["bias"] is None else conv(a["bias"]))
+                            scale=s, W=None if a["W"] is None else conv(a["W"]),
+                            bias=None if a["bias"] is None else conv(a["bias"]))
         if not isinstance(out, (tuple, list)) or len(out) != 4:
             raise CheckFailure(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB, dlora_bias)")
         ratios = {}
@@ -89,7 +90,7 @@ def check_lora_bias_backward_problem(backward: Callable, problem: Problem, *, po
         return ratios
     except CheckFailure as f_:
         raise raise_failure("check_lora_bias_backward", [("backward", backward)], problem, str(f_),
-                    "check_lora_bias_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
+                            "check_lora_bias_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
 
 
 def check_lora_bias_forward(forward: Callable, *, dtype: str = "float32", max_examples: int = 100,
@@ -98,8 +99,9 @@ def check_lora_bias_forward(forward: Callable, *, dtype: str = "float32", max_ex
     """Check a lora_bias forward on ``max_examples`` problems (see the module docstring)."""
     d = dtype_arg(dtype)
     return run_examples("check_lora_bias_forward", d, draw_problems(d, dropout=False, wide=True),
-                lambda p: check_lora_bias_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        lambda p: check_lora_bias_forward_problem(forward, p, policy=policy, to=to,
+                                                                  check_dtype=check_dtype),
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_lora_bias_backward(backward: Callable, *, dtype: str = "float32", max_examples: int = 100,
@@ -108,9 +110,9 @@ def check_lora_bias_backward(backward: Callable, *, dtype: str = "float32", max_
     """Check a lora_bias backward on ``max_examples`` problems (see the module docstring)."""
     d = dtype_arg(dtype)
     return run_examples("check_lora_bias_backward", d, draw_problems(d, dropout=False),
-                lambda p: check_lora_bias_backward_problem(backward, p, policy=policy, to=to,
+                        lambda p: check_lora_bias_backward_problem(backward, p, policy=policy, to=to,
                                                            check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 # ---------------------------------------------------------------- DoRA forward
@@ -141,11 +143,11 @@ def check_dora_forward_problem(forward: Callable, problem: Problem, *, policy: T
         env = dora_forward_envelope(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], scale=s, bias=f["bias"],
                                     dtype=d, accumulate=policy.accumulate)
         y = call_candidate("forward", forward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(m), conv(a["W"]), scale=s,
-                  bias=None if a["bias"] is None else conv(a["bias"]))
+                           bias=None if a["bias"] is None else conv(a["bias"]))
         return {"y": compare_tensor("y", y, np.asarray(ref), env, policy, d, check_dtype=check_dtype, what="(DoRA)")}
     except CheckFailure as f_:
         raise raise_failure("check_dora_forward", [("forward", forward)], problem, str(f_),
-                    "check_dora_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
+                            "check_dora_forward_problem(forward, problem", to=to, exc=f_.__cause__) from None
 
 
 def check_dora_forward(forward: Callable, *, dtype: str = "float32", max_examples: int = 100,
@@ -154,8 +156,8 @@ def check_dora_forward(forward: Callable, *, dtype: str = "float32", max_example
     """Check a DoRA forward on ``max_examples`` problems with W (see the module docstring)."""
     d = dtype_arg(dtype)
     return run_examples("check_dora_forward", d, draw_problems(d, W=True, dropout=False),
-                lambda p: check_dora_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        lambda p: check_dora_forward_problem(forward, p, policy=policy, to=to, check_dtype=check_dtype),
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
 
 
 def check_dora_backward_problem(backward: Callable, problem: Problem, *, policy: TolerancePolicy | None = None,
@@ -176,7 +178,7 @@ def check_dora_backward_problem(backward: Callable, problem: Problem, *, policy:
         envs = dora_backward_envelope(f["x"], f["A"], f["B"], m.astype(np.float64), f["W"], f["dy"], scale=s,
                                       bias=f["bias"], dtype=d, accumulate=policy.accumulate)
         out = call_candidate("backward", backward, conv(a["x"]), conv(a["A"]), conv(a["B"]), conv(m), conv(a["W"]),
-                    conv(a["dy"]), scale=s, bias=None if a["bias"] is None else conv(a["bias"]))
+                            conv(a["dy"]), scale=s, bias=None if a["bias"] is None else conv(a["bias"]))
         if not isinstance(out, (tuple, list)) or len(out) != 4:
             raise CheckFailure(f"backward returned {type(out).__name__}; expected a tuple (dx, dA, dB, dm)")
         ratios = {}
@@ -185,7 +187,7 @@ def check_dora_backward_problem(backward: Callable, problem: Problem, *, policy:
         return ratios
     except CheckFailure as f_:
         raise raise_failure("check_dora_backward", [("backward", backward)], problem, str(f_),
-                    "check_dora_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
+                            "check_dora_backward_problem(backward, problem", to=to, exc=f_.__cause__) from None
 
 
 def check_dora_backward(backward: Callable, *, dtype: str = "float32", max_examples: int = 100,
@@ -194,5 +196,6 @@ def check_dora_backward(backward: Callable, *, dtype: str = "float32", max_examp
     """Check a DoRA backward (norm detached) on ``max_examples`` problems with W (see the module docstring)."""
     d = dtype_arg(dtype)
     return run_examples("check_dora_backward", d, draw_problems(d, W=True, dropout=False),
-                lambda p: check_dora_backward_problem(backward, p, policy=policy, to=to, check_dtype=check_dtype),
-                max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)
+                        lambda p: check_dora_backward_problem(backward, p, policy=policy, to=to,
+                                                              check_dtype=check_dtype),
+                        max_examples=max_examples, derandomize=derandomize, seed=seed, shrink=shrink)

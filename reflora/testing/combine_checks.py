@@ -198,14 +198,14 @@ def _result_update(res: Any, W: np.ndarray | None, what: str, bias: bool = False
         ad["magnitude"], ad["W"] = _to_host(res["magnitude"], f"{what}['magnitude']"), W
     elif W is not None:
         raise CheckFailure(f"{what} returned no DoRA magnitude for DoRA inputs: the result's update is then s' B' A' and "
-                    "drops the magnitudes' part of the inputs' updates")
+                           "drops the magnitudes' part of the inputs' updates")
     if res.get("lora_bias") is not None:
         if not bias:
             raise CheckFailure(f"{what} returned a lora_bias for inputs without one")
         ad["lora_bias"] = _to_host(res["lora_bias"], f"{what}['lora_bias']")
     elif bias:
         raise CheckFailure(f"{what} returned no lora_bias for inputs with one: the bias part of the update, "
-                    "Σ w_i s_i c_i, is dropped (PEFT #3761)")
+                           "Σ w_i s_i c_i, is dropped (PEFT #3761)")
     return _update(ad)
 
 
@@ -221,7 +221,7 @@ def compare_tensor(label: str, got: np.ndarray, want: np.ndarray, tol: float) ->
             if abs(ratio - f) < 1e-2 * f:
                 hint = f" (||got|| / ||want|| = {ratio:.4g} ~ {why}: an rsLoRA scale sqrt(R') left on the result?)"
         raise CheckFailure(f"{label}: ||ΔW_got - ΔW_want||_F = {err:.3e} > tol {tol:.3e} "
-                    f"(||ΔW_want||_F = {float(np.linalg.norm(want)):.3e}){hint}")
+                           f"(||ΔW_want||_F = {float(np.linalg.norm(want)):.3e}){hint}")
     return err / tol if tol > 0 else 0.0
 
 
@@ -275,7 +275,7 @@ def check_combine_problem(combine: Callable, problem: CombineProblem, *, to: Any
             got_k = call("linearity", ads, [k * w for w in ws])
             tol_k = _tolerance(ads, [k * w for w in ws], k * want, problem.dtype)
             out["linearity"] = compare_tensor("linearity: combine(as, c w) vs c combine(as, w)", got_k, k * got,
-                                        tol_k + abs(k) * tol)
+                                              tol_k + abs(k) * tol)
             expect("cat", ads[:2], [1.0, 1.0])
     except CheckFailure as exc:
         raise AssertionError(

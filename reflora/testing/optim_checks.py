@@ -228,14 +228,15 @@ def _problem(check: str, step: Callable, seed: int, options: AdamOptions, *, dty
             if not np.isfinite(h).all():
                 idx = tuple(int(i) for i in np.argwhere(~np.isfinite(h))[0])
                 raise CheckFailure(f"{k} after step {t + 1}: candidate gives {float(h[idx])} at {idx} where the reference is "
-                            f"{float(r[idx])!r}")
+                                   f"{float(r[idx])!r}")
             diff = np.abs(h - r)
             idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
             if diff[idx] > bound:
-                raise CheckFailure(f"{k} after step {t + 1} of {options.steps} is wrong: max abs error {diff[idx]:.4g} at "
-                            f"{idx} (candidate {float(h[idx])!r}, reference {float(r[idx])!r}); "
-                            f"{int(np.sum(diff > bound))} of {diff.size} elements outside the tolerance {bound:.4g} "
-                            f"= {K:g} x emulated {dtype} error {err_emul[k]:.4g} + {K:g} u max|{k}|")
+                raise CheckFailure(
+                    f"{k} after step {t + 1} of {options.steps} is wrong: max abs error {diff[idx]:.4g} at "
+                    f"{idx} (candidate {float(h[idx])!r}, reference {float(r[idx])!r}); "
+                    f"{int(np.sum(diff > bound))} of {diff.size} elements outside the tolerance {bound:.4g} "
+                    f"= {K:g} x emulated {dtype} error {err_emul[k]:.4g} + {K:g} u max|{k}|")
             ratios[k] = max(ratios.get(k, 0.0), float(diff[idx]) / bound if bound > 0 else 0.0)
     return ratios
 

@@ -114,7 +114,7 @@ def _report(check: str, name: str, fn: Any, p: ServingProblem, detail: str, extr
 
 
 def compare_tensor(check: str, name: str, fn, p: ServingProblem, cand: Any, ref: np.ndarray, tol: np.ndarray,
-             extra_args: str = "") -> float:
+                   extra_args: str = "") -> float:
     """Worst |cand - ref| / tol (0/0 counted as 0); AssertionError when any element is outside."""
     try:
         c = to_host(cand)
@@ -151,7 +151,7 @@ def check_shrink_problem(shrink: Callable, p: ServingProblem, *, to: Any = None)
     """Check ``shrink(x, A, indices, *, scale)`` on one problem (scale = p.scales[0])."""
     conv, a = _converter(to), p.arrays()
     h = call_candidate("check_shrink", shrink, p, _in(a["x"], p, conv), _in(a["A"], p, conv), _in(a["indices"], p, conv),
-              scale=float(p.scales[0]))
+                       scale=float(p.scales[0]))
     ref, tol = serving_reference("shrink", p)["h"]
     return {"h": compare_tensor("check_shrink", "h", shrink, p, h, ref, tol)}
 
@@ -160,7 +160,7 @@ def check_expand_problem(expand: Callable, p: ServingProblem, *, to: Any = None)
     """Check ``expand(h, B, indices, *, base, offset)`` on one problem."""
     conv, a = _converter(to), p.arrays()
     y = call_candidate("check_expand", expand, p, _in(a["h"], p, conv), _in(a["B"], p, conv), _in(a["indices"], p, conv),
-              base=_in(a["base"], p, conv), offset=p.offset)
+                       base=_in(a["base"], p, conv), offset=p.offset)
     ref, tol = serving_reference("expand", p)["y"]
     return {"y": compare_tensor("check_expand", "y", expand, p, y, ref, tol)}
 
@@ -273,54 +273,54 @@ def check_shrink(shrink: Callable, *, dtype: str = "float32", to: Any = None, ma
                  derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a shrink kernel over ``serving_problems(**strategy)``."""
     return run_examples("check_shrink", dtype, draw_problems(dtype, **strategy), lambda p: check_shrink_problem(shrink, p, to=to),
-                max_examples=max_examples, derandomize=derandomize)
+                        max_examples=max_examples, derandomize=derandomize)
 
 
 def check_expand(expand: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                  derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of an expand kernel (with slice offset and add_inputs) over ``serving_problems``."""
     return run_examples("check_expand", dtype, draw_problems(dtype, **strategy), lambda p: check_expand_problem(expand, p, to=to),
-                max_examples=max_examples, derandomize=derandomize)
+                        max_examples=max_examples, derandomize=derandomize)
 
 
 def check_multi_forward(forward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                         derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a batched multi-adapter forward over ``serving_problems``."""
     return run_examples("check_multi_forward", dtype, draw_problems(dtype, **strategy),
-                lambda p: check_multi_forward_problem(forward, p, to=to), max_examples=max_examples,
-                derandomize=derandomize)
+                        lambda p: check_multi_forward_problem(forward, p, to=to), max_examples=max_examples,
+                        derandomize=derandomize)
 
 
 def check_multi_backward(backward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                          derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a batched multi-adapter backward (dx, per-adapter dA, dB)."""
     return run_examples("check_multi_backward", dtype, draw_problems(dtype, **strategy),
-                lambda p: check_multi_backward_problem(backward, p, to=to), max_examples=max_examples,
-                derandomize=derandomize)
+                        lambda p: check_multi_backward_problem(backward, p, to=to), max_examples=max_examples,
+                        derandomize=derandomize)
 
 
 def check_sliced_forward(forward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                          derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a fused multi-slice forward (qkv, gate_up) over ``serving_problems(slices=True)``."""
     return run_examples("check_sliced_forward", dtype, draw_problems(dtype, slices=True, **strategy),
-                lambda p: check_sliced_forward_problem(forward, p, to=to), max_examples=max_examples,
-                derandomize=derandomize)
+                        lambda p: check_sliced_forward_problem(forward, p, to=to), max_examples=max_examples,
+                        derandomize=derandomize)
 
 
 def check_embedding(embedding: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                     derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of a multi-adapter embedding LoRA (``extra_vocab=True`` adds added tokens)."""
     return run_examples("check_embedding", dtype, draw_problems(dtype, **strategy),
-                lambda p: check_embedding_problem(embedding, p, to=to), max_examples=max_examples,
-                derandomize=derandomize)
+                        lambda p: check_embedding_problem(embedding, p, to=to), max_examples=max_examples,
+                        derandomize=derandomize)
 
 
 def check_embedding_backward(backward: Callable, *, dtype: str = "float32", to: Any = None, max_examples: int = 50,
                              derandomize: bool = False, **strategy) -> ServingResult:
     """Property check of an embedding LoRA backward (dA by scatter-add, dB)."""
     return run_examples("check_embedding_backward", dtype, draw_problems(dtype, **strategy),
-                lambda p: check_embedding_backward_problem(backward, p, to=to), max_examples=max_examples,
-                derandomize=derandomize)
+                        lambda p: check_embedding_backward_problem(backward, p, to=to), max_examples=max_examples,
+                        derandomize=derandomize)
 
 
 def check_tp(tp_forward: Callable, *, tp: int, mode: str, dtype: str = "float32", to: Any = None,
@@ -329,5 +329,5 @@ def check_tp(tp_forward: Callable, *, tp: int, mode: str, dtype: str = "float32"
     strategy.setdefault("max_rows", 12)
     strategy.setdefault("layouts", ("unsorted", "sorted"))
     return run_examples("check_tp", dtype, draw_problems(dtype, tp=tp, **strategy),
-                lambda p: check_tp_problem(tp_forward, p, tp=tp, mode=mode, to=to), max_examples=max_examples,
-                derandomize=derandomize)
+                        lambda p: check_tp_problem(tp_forward, p, tp=tp, mode=mode, to=to), max_examples=max_examples,
+                        derandomize=derandomize)
